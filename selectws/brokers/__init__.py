@@ -1,0 +1,1 @@
+"""Brokers carry group messages between connections (and, later, between processes)."""

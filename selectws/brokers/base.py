@@ -1,0 +1,29 @@
+"""The broker interface behind groups and ``broadcast``.
+
+A broker carries a group message to wherever that group has members. The in-memory broker delivers to this
+process only; a Redis broker (scale-out) publishes once to a channel and delivers what other instances publish.
+Either way the server keeps local membership itself and the broker calls ``deliver`` for local fan-out, so a
+broker never sees a connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+__all__ = ["Broker", "Deliver"]
+
+#: ``deliver(group, message, exclude_ids) -> local recipients``, provided by the server.
+Deliver = Callable[[str, "str | bytes", frozenset[int]], int]
+
+
+class Broker(Protocol):
+    def subscribe(self, group: str) -> None:
+        """The first local member joined ``group``."""
+
+    def unsubscribe(self, group: str) -> None:
+        """The last local member left ``group``."""
+
+    def publish(self, group: str, message: str | bytes, exclude: frozenset[int]) -> int:
+        """Deliver ``message`` to ``group`` everywhere; returns the number of local recipients."""
+        ...

@@ -1,0 +1,1 @@
+"""Operations: configuration, logging, command line and service integration."""

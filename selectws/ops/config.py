@@ -1,0 +1,601 @@
+"""Configuration: one TOML file, parsed into frozen dataclasses, validated strictly.
+
+Why this shape:
+
+* **TOML via stdlib** :mod:`tomllib` -- no extra runtime dependency, and TOML has real integers,
+  floats and booleans, so "is 8000 a number?" is answered by the parser, not by us.
+* **Frozen dataclasses** -- the server reads configuration from many places; making it immutable
+  means a SIGHUP reload builds a *new* :class:`Config` and swaps it in, instead of mutating one that
+  live connections are reading.
+* **Strict validation, first error only** -- a daemon that starts with a silently ignored typo
+  (``max_mesage_size``) is worse than one that refuses to start. Every error is a
+  :class:`ConfigError` naming the dotted key, so the operator knows exactly which line to fix, and
+  unknown keys come with a "did you mean" suggestion.
+* **Precedence** -- built-in defaults < the file < command-line overrides (dotted keys such as
+  ``"server.port"``). Overrides are merged into the raw data *before* validation, so a bad flag
+  value is reported with the same messages as a bad file value.
+
+The reference configuration with every key, its default and its range is ``config/selectws.toml``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+__all__ = [
+    "DEFAULT_ROUTES",
+    "CompressionConfig",
+    "Config",
+    "ConfigError",
+    "LimitsConfig",
+    "LoggingConfig",
+    "RouteConfig",
+    "ServerConfig",
+    "TimeoutsConfig",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(Exception):
+    """A configuration problem, pinned to the dotted key that caused it.
+
+    ``key`` is machine-friendly (``"limits.max_message_size"``, ``"routes[1].plugin"``, or
+    ``"<file>"`` for problems reading/parsing the file itself) so callers and tests can tell errors
+    apart without parsing prose; ``reason`` is the human explanation.
+    """
+
+    key: str
+    reason: str
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(key, reason)
+        self.key = key
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.reason}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation rules, attached to dataclass fields as metadata.
+#
+# Keeping the rule next to the field (rather than in a separate schema) means a new setting is one
+# line: the default, the type and the range live together and cannot drift apart.
+# --------------------------------------------------------------------------------------------------
+
+_RULE: Final = "selectws.rule"
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """How to validate and normalise one scalar setting."""
+
+    kind: type  # int, float, bool or str
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False  # "> minimum" instead of ">= minimum"
+    choices: tuple[str, ...] = ()  # for str: allowed values, compared case-insensitively
+    non_empty: bool = False
+
+    def check(self, key: str, value: Any) -> Any:
+        """Return the normalised value, or raise :class:`ConfigError` naming ``key``."""
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(key, f"expected a boolean, got {_type_name(value)}")
+            return value
+        if self.kind is int:
+            # bool is a subclass of int in Python; "port = true" is a mistake, not port 1.
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(key, f"expected an integer, got {_type_name(value)}")
+            self._check_range(key, value, value)
+            return value
+        if self.kind is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(key, f"expected a number of seconds, got {_type_name(value)}")
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(key, f"must be a finite number, got {value!r}")
+            self._check_range(key, number, value)
+            return number
+        # str
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {_type_name(value)}")
+        if self.choices:
+            lowered = value.lower()
+            if lowered not in self.choices:
+                allowed = ", ".join(repr(c) for c in self.choices)
+                raise ConfigError(key, f"must be one of {allowed}, got {value!r}{_suggest(lowered, self.choices)}")
+            return lowered
+        if self.non_empty and not value:
+            raise ConfigError(key, "must not be empty")
+        return value
+
+    def _check_range(self, key: str, value: float, shown: object) -> None:
+        low, high = self.minimum, self.maximum
+        too_low = low is not None and (value <= low if self.exclusive_minimum else value < low)
+        too_high = high is not None and value > high
+        if not (too_low or too_high):
+            return
+        if low is not None and high is not None:
+            raise ConfigError(key, f"must be between {_num(low)} and {_num(high)}, got {shown!r}")
+        if low is not None:
+            op = ">" if self.exclusive_minimum else ">="
+            raise ConfigError(key, f"must be {op} {_num(low)}, got {shown!r}")
+        raise ConfigError(key, f"must be <= {_num(high)}, got {shown!r}")  # pragma: no cover
+
+
+def _num(bound: float | None) -> str:
+    """Render a bound without a spurious ``.0`` for integer limits."""
+    if bound is None:  # pragma: no cover - callers check
+        return "?"
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+def _int(default: int, minimum: int, maximum: int | None = None) -> Any:
+    return field(default=default, metadata={_RULE: _Rule(int, minimum, maximum)})
+
+
+def _seconds(default: float) -> Any:
+    return field(default=default, metadata={_RULE: _Rule(float, 0, None, exclusive_minimum=True)})
+
+
+def _bool(default: bool) -> Any:
+    return field(default=default, metadata={_RULE: _Rule(bool)})
+
+
+def _choice(default: str, *choices: str) -> Any:
+    return field(default=default, metadata={_RULE: _Rule(str, choices=choices)})
+
+
+def _type_name(value: object) -> str:
+    """Name a Python value by its TOML type, since that is what the operator wrote."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, Mapping):
+        return "table"
+    if isinstance(value, list | tuple):
+        return "array"
+    if value is None:
+        return "nothing"
+    return type(value).__name__  # datetime, date, time
+
+
+def _suggest(word: str, candidates: Any) -> str:
+    """``"; did you mean 'x'?"`` for the closest candidate, or ``""`` when nothing is close."""
+    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {matches[0]!r}?" if matches else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# The configuration dataclasses.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Where to listen."""
+
+    host: str = field(default="127.0.0.1", metadata={_RULE: _Rule(str, non_empty=True)})
+    """Address to bind; loopback by default so an unconfigured daemon is not exposed."""
+    port: int = _int(8000, 0, 65535)
+    """TCP port; 0 asks the kernel for an ephemeral port (useful in tests)."""
+    backlog: int = _int(1024, 1)
+    """``listen()`` backlog: how many not-yet-accepted connections the kernel may queue."""
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Resource ceilings: every one bounds memory a single peer can make us hold."""
+
+    max_message_size: int = _int(1 << 20, 1)
+    """Largest reassembled (and decompressed) message, in bytes; larger closes with 1009."""
+    max_frame_size: int = _int(1 << 20, 1)
+    """Largest single frame payload, in bytes."""
+    max_request_line: int = _int(8192, 64)
+    """Longest HTTP request line of the opening handshake."""
+    max_header_count: int = _int(100, 1)
+    """Most header fields in the opening handshake."""
+    max_header_bytes: int = _int(16384, 256)
+    """Total size of the request head (request line + headers)."""
+    write_buffer_high: int = _int(4 << 20, 1024)
+    """Per-connection outgoing buffer high-water mark; slow readers past it are dropped."""
+    max_connections: int = _int(0, 0)
+    """Concurrent connection cap; 0 means unlimited (bounded only by file descriptors)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    """Deadlines in seconds; each prevents a peer from holding a connection open for free."""
+
+    handshake: float = _seconds(10.0)
+    """Time allowed for the HTTP upgrade to complete."""
+    ping_interval: float = _seconds(20.0)
+    """Idle time after which the server sends a ping."""
+    ping_timeout: float = _seconds(20.0)
+    """Time allowed for the pong before the connection is considered dead."""
+    close: float = _seconds(10.0)
+    """Time allowed for the closing handshake before the socket is dropped."""
+    shutdown_grace: float = _seconds(10.0)
+    """On SIGTERM, how long connections get to close cleanly before being cut."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """Structured logging; see :mod:`selectws.ops.logging`."""
+
+    level: str = _choice("info", "debug", "info", "warning", "error")
+    """Minimum level emitted; stored lower-case."""
+    format: str = _choice("auto", "auto", "console", "json")
+    """``auto`` = human-readable on a terminal, JSON lines otherwise (journald, log shippers)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CompressionConfig:
+    """permessage-deflate (RFC 7692) negotiation parameters and server-side policy."""
+
+    enabled: bool = _bool(True)
+    """Offer/accept permessage-deflate at all."""
+    server_max_window_bits: int = _int(15, 9, 15)
+    """LZ77 window for what we compress; smaller saves memory per connection."""
+    client_max_window_bits: int = _int(15, 9, 15)
+    """Window we ask clients to use (only if they advertise support)."""
+    server_no_context_takeover: bool = _bool(False)
+    """Reset our compressor after every message: less memory, worse ratio."""
+    client_no_context_takeover: bool = _bool(False)
+    """Ask clients to reset their compressor after every message."""
+    memory_level: int = _int(8, 1, 9)
+    """zlib ``memLevel`` for our compressor."""
+    min_size: int = _int(0, 0)
+    """Messages shorter than this many bytes are sent uncompressed (not worth the CPU)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """One URL path served by one plugin."""
+
+    path: str
+    """Starts with ``/``; whole segments like ``{channel}`` are parameters passed to the plugin."""
+    plugin: str
+    """Built-in name, entry-point name (group ``selectws.plugins``) or ``package.module:Class``."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Free-form plugin options; the plugin validates them. Treat as read-only."""
+    subprotocols: tuple[str, ...] = ()
+    """Overrides the subprotocols the plugin offers; empty means "the plugin's own list"."""
+    compression: bool | None = None
+    """Per-route permessage-deflate switch; ``None`` follows ``[compression].enabled``."""
+
+
+DEFAULT_ROUTES: Final[tuple[RouteConfig, ...]] = (
+    RouteConfig("/echo", "echo"),
+    RouteConfig("/broadcast/{channel}", "broadcast"),
+    RouteConfig("/chat", "chat"),
+)
+"""Routes used when the file has no ``[[routes]]``: the built-in plugins, so a bare install works."""
+
+
+def _default_routes() -> tuple[RouteConfig, ...]:
+    # Fresh option dicts, so a plugin that mutates its options cannot change the module constant.
+    return tuple(replace(r, options=dict(r.options)) for r in DEFAULT_ROUTES)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole daemon configuration. ``Config()`` is the built-in default configuration."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    routes: tuple[RouteConfig, ...] = field(default_factory=_default_routes)
+    source: str | None = None
+    """Path of the file this came from (``None`` for defaults/in-memory data); used by reload."""
+
+
+# The scalar tables, in the order they are validated (and so, which error wins).
+_SECTIONS: Final[dict[str, type[Any]]] = {
+    "server": ServerConfig,
+    "limits": LimitsConfig,
+    "timeouts": TimeoutsConfig,
+    "logging": LoggingConfig,
+    "compression": CompressionConfig,
+}
+_TOP_LEVEL: Final[tuple[str, ...]] = (*_SECTIONS, "routes")
+_ROUTE_KEYS: Final[tuple[str, ...]] = ("path", "plugin", "options", "subprotocols", "compression")
+
+
+def _field_names(cls: type[DataclassInstance]) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing.
+# --------------------------------------------------------------------------------------------------
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    plugin_resolver: Callable[[str], object] | None = None,
+) -> Config:
+    """Read and validate a TOML file (or just defaults + overrides when ``path`` is None).
+
+    Problems with the file itself -- missing, unreadable, not UTF-8, not TOML -- are reported with
+    key ``"<file>"``; everything else names the offending key. See :func:`parse_config`.
+    """
+    if path is None:
+        return parse_config({}, None, overrides, plugin_resolver)
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError("<file>", f"cannot read {source}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("<file>", f"{source} is not valid UTF-8: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message carries "(at line N, column M)", which is what the operator needs.
+        raise ConfigError("<file>", f"invalid TOML in {source}: {exc}") from exc
+    return parse_config(data, source, overrides, plugin_resolver)
+
+
+def parse_config(
+    data: Mapping[str, Any],
+    source: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    plugin_resolver: Callable[[str], object] | None = None,
+) -> Config:
+    """Validate already-parsed TOML data (plus dotted-key ``overrides``) into a :class:`Config`.
+
+    ``overrides`` maps ``"section.key"`` to a value and wins over ``data``; ``None`` values mean
+    "flag not given" and are skipped. Only the scalar tables can be overridden, not ``routes``.
+
+    If ``plugin_resolver`` is given it is called with every route's ``plugin`` string after
+    everything else validated, so a typo in a plugin name fails at load/reload time rather than on
+    the first client connection.
+
+    Raises :class:`ConfigError` for the first problem found.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError("<file>", f"expected a table at top level, got {_type_name(data)}")
+    for key in data:
+        if key not in _TOP_LEVEL:
+            raise ConfigError(str(key), f"unknown key{_suggest_key(str(key), _TOP_LEVEL)}")
+
+    merged, overridden = _apply_overrides(data, overrides)
+
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        sections[name] = _build_section(name, cls, merged.get(name, {}), overridden)
+
+    routes = _build_routes(data.get("routes"))
+
+    if plugin_resolver is not None:
+        for i, route in enumerate(routes):
+            try:
+                plugin_resolver(route.plugin)
+            except Exception as exc:
+                raise ConfigError(f"routes[{i}].plugin", f"unknown plugin {route.plugin!r}: {exc}") from exc
+
+    return Config(**sections, routes=routes, source=source)
+
+
+def _all_dotted_keys() -> list[str]:
+    return [f"{section}.{name}" for section, cls in _SECTIONS.items() for name in _field_names(cls)]
+
+
+def _suggest_key(key: str, candidates: tuple[str, ...], section: str | None = None) -> str:
+    """Suggest a close key in the same table; failing that, the same key in the table it belongs to.
+
+    The second case catches the common "right key, wrong table" mistake, e.g. ``port`` at top level
+    or ``level`` under ``[server]``.
+    """
+    prefix = f"{section}." if section else ""
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {prefix + close[0]!r}?"
+    elsewhere = [k for k in _all_dotted_keys() if k.split(".", 1)[1] == key]
+    if elsewhere:
+        return f"; did you mean {elsewhere[0]!r}?"
+    return ""
+
+
+def _apply_overrides(
+    data: Mapping[str, Any], overrides: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], frozenset[str]]:
+    """Merge dotted-key overrides into a shallow copy of ``data``; return it and the keys overridden."""
+    merged: dict[str, Any] = dict(data)
+    overridden: set[str] = set()
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, name = key.partition(".")
+        cls = _SECTIONS.get(section)
+        if cls is None or name not in _field_names(cls):
+            raise ConfigError(key, f"unknown key (command-line override){_suggest(key, _all_dotted_keys())}")
+        table = merged.get(section, {})
+        if not isinstance(table, Mapping):
+            raise ConfigError(section, f"expected a table, got {_type_name(table)}")
+        merged[section] = {**table, name: value}
+        overridden.add(key)
+    return merged, frozenset(overridden)
+
+
+_T = TypeVar("_T", bound="DataclassInstance")
+
+
+def _build_section(name: str, cls: type[_T], raw: Any, overridden: frozenset[str]) -> _T:
+    """Validate one scalar table against the field rules of ``cls``."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(name, f"expected a table, got {_type_name(raw)}")
+    known = _field_names(cls)
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{name}.{key}", f"unknown key{_suggest_key(str(key), known, name)}")
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in raw:
+            continue
+        dotted = f"{name}.{f.name}"
+        rule: _Rule = f.metadata[_RULE]
+        try:
+            values[f.name] = rule.check(dotted, raw[f.name])
+        except ConfigError as exc:
+            if dotted in overridden:
+                raise ConfigError(exc.key, f"{exc.reason} (from command-line override)") from None
+            raise
+    return cls(**values)
+
+
+# Path parameters are whole segments "{name}" where name is an ASCII identifier, so the router can
+# hand them to the plugin as keyword-friendly names.
+_PARAM = re.compile(r"\{([^{}/]*)\}")
+# RFC 7230 token characters: what a Sec-WebSocket-Protocol value may contain.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# ASCII-only on purpose: the router compiles parameters into regex group names.
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _build_routes(raw: Any) -> tuple[RouteConfig, ...]:
+    """Validate ``[[routes]]``; absent means :data:`DEFAULT_ROUTES`, present means exactly these."""
+    if raw is None:
+        return _default_routes()
+    if not isinstance(raw, list | tuple):
+        raise ConfigError("routes", f"expected an array of tables ([[routes]]), got {_type_name(raw)}")
+    if not raw:
+        # An empty array is almost certainly a mistake: a daemon that answers every path with 404.
+        raise ConfigError("routes", "at least one route is required (omit routes to get the defaults)")
+    routes: list[RouteConfig] = []
+    # Routes that differ only in parameter names ("/b/{x}" vs "/b/{y}") match the same requests,
+    # so they are duplicates too; compare on a shape with the names erased.
+    seen: dict[str, int] = {}
+    for i, item in enumerate(raw):
+        route = _build_route(i, item)
+        shape = _PARAM.sub("{}", route.path)
+        if shape in seen:
+            raise ConfigError(
+                f"routes[{i}].path", f"duplicate route path {route.path!r} (same as routes[{seen[shape]}])"
+            )
+        seen[shape] = i
+        routes.append(route)
+    return tuple(routes)
+
+
+def _build_route(i: int, item: Any) -> RouteConfig:
+    prefix = f"routes[{i}]"
+    if not isinstance(item, Mapping):
+        raise ConfigError(prefix, f"expected a table, got {_type_name(item)}")
+    for key in item:
+        if key not in _ROUTE_KEYS:
+            close = difflib.get_close_matches(str(key), list(_ROUTE_KEYS), n=1, cutoff=0.6)
+            hint = f"; did you mean {prefix + '.' + close[0]!r}?" if close else ""
+            raise ConfigError(f"{prefix}.{key}", f"unknown key{hint}")
+
+    for required in ("path", "plugin"):
+        if required not in item:
+            raise ConfigError(f"{prefix}.{required}", "missing required key")
+
+    path = item["path"]
+    if not isinstance(path, str):
+        raise ConfigError(f"{prefix}.path", f"expected a string, got {_type_name(path)}")
+    _check_route_path(f"{prefix}.path", path)
+
+    plugin = item["plugin"]
+    if not isinstance(plugin, str):
+        raise ConfigError(f"{prefix}.plugin", f"expected a string, got {_type_name(plugin)}")
+    _check_plugin_name(f"{prefix}.plugin", plugin)
+
+    options = item.get("options", {})
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"{prefix}.options", f"expected a table, got {_type_name(options)}")
+
+    raw_protocols = item.get("subprotocols", [])
+    if not isinstance(raw_protocols, list | tuple):
+        raise ConfigError(f"{prefix}.subprotocols", f"expected an array of strings, got {_type_name(raw_protocols)}")
+    subprotocols = list(raw_protocols)
+    for j, proto in enumerate(subprotocols):
+        key = f"{prefix}.subprotocols[{j}]"
+        if not isinstance(proto, str):
+            raise ConfigError(key, f"expected a string, got {_type_name(proto)}")
+        if not _TOKEN.fullmatch(proto):
+            raise ConfigError(key, f"{proto!r} is not a valid subprotocol name (an HTTP token)")
+        if proto in subprotocols[:j]:
+            raise ConfigError(key, f"duplicate subprotocol {proto!r}")
+
+    compression = item.get("compression")
+    if compression is not None and not isinstance(compression, bool):
+        raise ConfigError(f"{prefix}.compression", f"expected a boolean, got {_type_name(compression)}")
+
+    return RouteConfig(
+        path=path,
+        plugin=plugin,
+        options=_copy_options(options),
+        subprotocols=tuple(subprotocols),
+        compression=compression,
+    )
+
+
+def _copy_options(value: Any) -> Any:
+    """Deep-copy plain TOML data so the Config never shares mutable state with the caller."""
+    if isinstance(value, Mapping):
+        return {str(k): _copy_options(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_copy_options(v) for v in value]
+    return value
+
+
+def _check_route_path(key: str, path: str) -> None:
+    """Reject paths a router could not match unambiguously.
+
+    The path is compared with the request-target's path component, so it must be absolute and must
+    not carry a query, fragment, whitespace or control characters; ``//`` would be an empty segment.
+    """
+    if not path.startswith("/"):
+        raise ConfigError(key, f"route path must start with '/', got {path!r}")
+    for ch in path:
+        if ch in "?#" or ch.isspace() or not ch.isprintable():
+            raise ConfigError(key, f"route path {path!r} must not contain {ch!r}")
+    if "//" in path:
+        raise ConfigError(key, f"route path {path!r} has an empty segment ('//')")
+    names: list[str] = []
+    for segment in path.split("/")[1:]:
+        match = _PARAM.fullmatch(segment)
+        if match is None:
+            if "{" in segment or "}" in segment:
+                raise ConfigError(key, f"route path {path!r}: parameters must be whole segments like '{{name}}'")
+            continue
+        name = match.group(1)
+        if not _IDENT.fullmatch(name):
+            raise ConfigError(key, f"route path {path!r}: parameter name {name!r} is not an ASCII identifier")
+        if name in names:
+            raise ConfigError(key, f"route path {path!r}: duplicate parameter name {name!r}")
+        names.append(name)
+
+
+def _check_plugin_name(key: str, plugin: str) -> None:
+    """Check the plugin reference is well-formed; whether it exists is ``plugin_resolver``'s job."""
+    if ":" in plugin:
+        module, _, attr = plugin.partition(":")
+        if not _DOTTED.fullmatch(module) or not _DOTTED.fullmatch(attr):
+            raise ConfigError(key, f"plugin {plugin!r} is not of the form 'package.module:Class'")
+        return
+    if not plugin or plugin != plugin.strip() or any(ch.isspace() for ch in plugin):
+        raise ConfigError(key, f"plugin name {plugin!r} must be a non-empty name without whitespace")

@@ -1,0 +1,12 @@
+"""``echo``: every message goes back unchanged, with the same opcode."""
+
+from __future__ import annotations
+
+from selectws.plugins.api import Plugin, Session
+
+
+class EchoPlugin(Plugin):
+    """Returns each message to its sender: text as text, binary as binary."""
+
+    def on_message(self, session: Session, message: str | bytes) -> None:
+        session.send(message)

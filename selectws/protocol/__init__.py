@@ -1,0 +1,1 @@
+"""Sans-I/O WebSocket protocol core: no sockets here, only bytes in and events and bytes out."""

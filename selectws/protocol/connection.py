@@ -1,0 +1,444 @@
+"""The WebSocket connection state machine of RFC 6455, sans-I/O.
+
+A :class:`Connection` is fed the bytes that arrived (:meth:`Connection.receive_data`) and returns the events they
+complete; whatever it wants to send accumulates until :meth:`Connection.data_to_send` takes it. It never touches a
+socket, never raises past :meth:`receive_data`, and never blocks, so the same object serves the server loop, the
+CLI client and the unit tests, which drive it with bytes alone.
+
+Design choices, each for a reason:
+
+* Every complete frame in a ``receive_data`` call is parsed in one pass; an incomplete tail is kept in one
+  ``bytearray`` (amortised appends, never quadratic concatenation).
+* Limits are checked from the frame header, before a payload byte is buffered: a header announcing 2**40 bytes is
+  refused with 1009 at once.
+* Text is validated incrementally across fragments, so invalid UTF-8 fails the connection with 1007 as soon as
+  the fragment containing it is complete, not at the end of the message.
+* A violation fails the connection as section 7.1.7 says: the close frame with the right code is queued and
+  ``close_transport`` is set, so the driver closes TCP as soon as the frame is written, without waiting.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+from collections.abc import Callable
+from enum import Enum
+from typing import Protocol
+
+from selectws.protocol.errors import CloseCode, ProtocolError
+from selectws.protocol.events import Closed, Event, Message, Ping, Pong
+from selectws.protocol.frames import encode_close_payload, encode_header, mask_payload, parse_close_payload
+
+__all__ = ["CLIENT", "SERVER", "Connection", "Extension", "Role", "State"]
+
+
+class Role(Enum):
+    SERVER = "server"
+    CLIENT = "client"
+
+
+SERVER = Role.SERVER
+CLIENT = Role.CLIENT
+
+
+class State(Enum):
+    """Connection states after the opening handshake (the handshake itself lives in :mod:`handshake`)."""
+
+    OPEN = "open"
+    CLOSING = "closing"  # we sent a close frame and wait for the peer's
+    CLOSED = "closed"  # the close handshake is over or the connection failed: close the transport
+
+
+class Extension(Protocol):
+    """What the connection needs of a negotiated permessage-deflate (see :mod:`selectws.protocol.deflate`)."""
+
+    def decompress(self, payload: bytes, max_size: int) -> bytes: ...
+
+    def compress(self, payload: bytes) -> bytes: ...
+
+    def should_compress(self, size: int) -> bool: ...
+
+
+_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+_OPEN = State.OPEN
+_CLOSING = State.CLOSING
+_CLOSED = State.CLOSED
+
+
+class Connection:
+    """One WebSocket connection after a successful opening handshake."""
+
+    __slots__ = (
+        "_buf",
+        "_deflate",
+        "_expect_mask",
+        "_frag_chunks",
+        "_frag_compressed",
+        "_frag_decoder",
+        "_frag_opcode",
+        "_frag_size",
+        "_mask_source",
+        "_out",
+        "_out_size",
+        "close_code",
+        "close_reason",
+        "close_transport",
+        "max_frame_size",
+        "max_message_size",
+        "role",
+        "state",
+    )
+
+    def __init__(
+        self,
+        role: Role = SERVER,
+        *,
+        max_message_size: int = 1 << 20,
+        max_frame_size: int | None = None,
+        extension: Extension | None = None,
+        mask_source: Callable[[], bytes] | None = None,
+    ) -> None:
+        self.role = role
+        self.state = _OPEN
+        self.max_message_size = max_message_size
+        self.max_frame_size = max_message_size if max_frame_size is None else max_frame_size
+        self._deflate = extension
+        # A server requires masked frames from its client and sends unmasked ones; a client the reverse.
+        self._expect_mask = 0x80 if role is SERVER else 0
+        self._mask_source: Callable[[], bytes] | None = None
+        if role is CLIENT:
+            self._mask_source = mask_source or _random_mask
+        self._buf = bytearray()
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._out_size = 0
+        self._frag_opcode = 0  # opcode of the fragmented message in progress, 0 when none
+        self._frag_chunks: list[bytes] = []
+        self._frag_size = 0
+        self._frag_decoder: codecs.IncrementalDecoder | None = None
+        self._frag_compressed = False
+        self.close_code: int | None = None  # the code of the close frame we sent, once sent
+        self.close_reason = ""
+        self.close_transport = False  # the driver closes TCP once data_to_send() is drained
+
+    # ------------------------------------------------------------------ receiving
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Parse every complete frame in ``data`` (plus what an earlier call left) and return the events.
+
+        ``data`` may be a view of the driver's reusable receive buffer: everything kept past this call is copied.
+        """
+        if self.state is _CLOSED:
+            return []
+        buf: bytes | bytearray | memoryview
+        if self._buf:
+            self._buf += data
+            buf = self._buf
+        else:
+            buf = data
+        events: list[Event] = []
+        append = events.append
+        end = len(buf)
+        pos = 0
+        expect_mask = self._expect_mask
+        try:
+            while end - pos >= 2:
+                b0 = buf[pos]
+                b1 = buf[pos + 1]
+                opcode = b0 & 0x0F
+                length = b1 & 0x7F
+                i = pos + 2
+                if length == 126:
+                    if end - i < 2:
+                        break
+                    length = (buf[i] << 8) | buf[i + 1]
+                    i += 2
+                elif length == 127:
+                    if end - i < 8:
+                        break
+                    length = int.from_bytes(buf[i : i + 8], "big")
+                    i += 8
+                    if length >> 63:
+                        raise ProtocolError(CloseCode.PROTOCOL_ERROR, "64-bit length with the high bit set")
+                if (b1 & 0x80) != expect_mask:
+                    raise ProtocolError(
+                        CloseCode.PROTOCOL_ERROR,
+                        "unmasked frame from a client" if expect_mask else "masked frame from a server",
+                    )
+                if b0 & 0x70:
+                    self._check_rsv(b0, opcode)
+                if opcode & 0x08:
+                    if opcode > 0x0A:
+                        raise ProtocolError(CloseCode.PROTOCOL_ERROR, f"reserved opcode {opcode:#x}")
+                    if not b0 & 0x80:
+                        raise ProtocolError(CloseCode.PROTOCOL_ERROR, "fragmented control frame")
+                    if length > 125:
+                        raise ProtocolError(CloseCode.PROTOCOL_ERROR, "control frame payload over 125 bytes")
+                else:
+                    if opcode > 0x02:
+                        raise ProtocolError(CloseCode.PROTOCOL_ERROR, f"reserved opcode {opcode:#x}")
+                    if opcode == 0:
+                        if not self._frag_opcode:
+                            raise ProtocolError(
+                                CloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue"
+                            )
+                    elif self._frag_opcode:
+                        raise ProtocolError(
+                            CloseCode.PROTOCOL_ERROR, "new data message before the fragmented one ended"
+                        )
+                    if length > self.max_frame_size:
+                        raise ProtocolError(
+                            CloseCode.MESSAGE_TOO_BIG,
+                            f"frame of {length} bytes exceeds the limit of {self.max_frame_size}",
+                        )
+                    if self._frag_size + length > self.max_message_size:
+                        raise ProtocolError(
+                            CloseCode.MESSAGE_TOO_BIG,
+                            f"message of {self._frag_size + length}+ bytes exceeds the limit of "
+                            f"{self.max_message_size}",
+                        )
+                if expect_mask:
+                    if end - i < length + 4:
+                        break
+                    payload = mask_payload(buf[i + 4 : i + 4 + length], bytes(buf[i : i + 4]))
+                    pos = i + 4 + length
+                else:
+                    if end - i < length:
+                        break
+                    payload = bytes(buf[i : i + length])
+                    pos = i + length
+
+                if opcode == 0x02 and b0 == 0x82:  # the common case first: whole binary message
+                    append(Message(payload))
+                elif opcode == 0x01 and b0 == 0x81:  # whole uncompressed text message
+                    try:
+                        append(Message(payload.decode("utf-8")))
+                    except UnicodeDecodeError:
+                        raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message") from None
+                elif opcode & 0x08:
+                    if self._control_frame(opcode, payload, append):
+                        break
+                else:
+                    self._data_frame(b0, opcode, payload, append)
+        except ProtocolError as exc:
+            append(self._fail(exc.code, exc.reason))
+            self._buf = bytearray()
+            return events
+        if self.state is _CLOSED:
+            self._buf = bytearray()
+        elif pos < end:
+            if buf is self._buf:
+                del self._buf[:pos]
+            else:
+                self._buf = bytearray(buf[pos:])
+        elif buf is self._buf:
+            self._buf = bytearray()
+        return events
+
+    def receive_eof(self) -> list[Event]:
+        """The transport was closed by the peer. Without a completed close handshake that is a 1006."""
+        if self.state is _CLOSED:
+            return []
+        self.state = _CLOSED
+        self.close_transport = True
+        self._buf = bytearray()
+        return [Closed(CloseCode.ABNORMAL, "connection closed without a close frame", by_peer=True)]
+
+    def _check_rsv(self, b0: int, opcode: int) -> None:
+        # RSV1 belongs to permessage-deflate, on the first frame of a data message only (RFC 7692 section 6).
+        if (b0 & 0x70) == 0x40 and self._deflate is not None and opcode in (0x01, 0x02):
+            return
+        raise ProtocolError(CloseCode.PROTOCOL_ERROR, f"reserved bits set ({(b0 >> 4) & 0x07:#05b})")
+
+    def _data_frame(self, b0: int, opcode: int, payload: bytes, append: Callable[[Event], None]) -> None:
+        """A fragment, a compressed message, or the end of a fragmented message."""
+        fin = b0 & 0x80
+        if opcode:  # first frame of a message
+            compressed = bool(b0 & 0x40)
+            if fin:  # a whole compressed message (uncompressed ones took the fast path)
+                self._emit(opcode, payload, compressed, append)
+                return
+            self._frag_opcode = opcode
+            self._frag_compressed = compressed
+            self._frag_size = len(payload)
+            if opcode == 0x01 and not compressed:
+                self._frag_decoder = _Utf8Decoder()
+                self._check_text_fragment(payload, False)
+            self._frag_chunks = [payload]
+            return
+        self._frag_size += len(payload)
+        self._frag_chunks.append(payload)
+        if self._frag_decoder is not None:
+            self._check_text_fragment(payload, bool(fin))
+        if fin:
+            whole = b"".join(self._frag_chunks)
+            opcode = self._frag_opcode
+            compressed = self._frag_compressed
+            self._frag_opcode = 0
+            self._frag_chunks = []
+            self._frag_size = 0
+            self._frag_decoder = None
+            self._emit(opcode, whole, compressed, append)
+
+    def _check_text_fragment(self, payload: bytes, final: bool) -> None:
+        """Fail fast: the incremental decoder raises at the first byte that cannot start or continue UTF-8."""
+        assert self._frag_decoder is not None
+        try:
+            self._frag_decoder.decode(payload, final)
+        except UnicodeDecodeError:
+            raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message") from None
+
+    def _emit(self, opcode: int, payload: bytes, compressed: bool, append: Callable[[Event], None]) -> None:
+        if compressed:
+            assert self._deflate is not None
+            payload = self._deflate.decompress(payload, self.max_message_size)
+        if opcode == 0x01:
+            try:
+                append(Message(payload.decode("utf-8")))
+            except UnicodeDecodeError:
+                raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message") from None
+        else:
+            append(Message(payload))
+
+    def _control_frame(self, opcode: int, payload: bytes, append: Callable[[Event], None]) -> bool:
+        """Handle ping, pong and close; True when parsing must stop (a close frame ends the input)."""
+        if opcode == 0x09:
+            if self.state is _OPEN:
+                self._write_frame(0x8A, payload)
+            append(Ping(payload))
+            return False
+        if opcode == 0x0A:
+            append(Pong(payload))
+            return False
+        code, reason = parse_close_payload(payload)
+        if self.state is _OPEN:
+            # Echo the peer's code (RFC 6455 section 5.5.1); 1005 means it sent none, so neither do we.
+            self._write_frame(0x88, encode_close_payload(None if code == CloseCode.NO_STATUS else code))
+            self.close_code = code
+            self.state = _CLOSED
+            self.close_transport = True
+            append(Closed(code, reason, by_peer=True))
+        else:  # CLOSING: the peer answered our close; the handshake is complete.
+            self.state = _CLOSED
+            self.close_transport = True
+            append(Closed(self.close_code or CloseCode.NORMAL, self.close_reason, by_peer=False))
+        return True
+
+    def _fail(self, code: int, reason: str) -> Closed:
+        """Fail the WebSocket connection (RFC 6455 section 7.1.7): send a close frame if we have not yet."""
+        if self.state is _OPEN:
+            self._write_frame(0x88, encode_close_payload(code, reason))
+            self.close_code = code
+            self.close_reason = reason
+        self.state = _CLOSED
+        self.close_transport = True
+        self._frag_chunks = []
+        self._frag_decoder = None
+        return Closed(code, reason, by_peer=False, error=reason)
+
+    # ------------------------------------------------------------------ sending
+
+    def send_text(self, text: str) -> bool:
+        """Queue a text message; False (nothing queued) once the connection is closing or closed."""
+        if self.state is not _OPEN:
+            return False
+        self._write_message(0x01, text.encode("utf-8"))
+        return True
+
+    def send_binary(self, data: bytes | bytearray | memoryview) -> bool:
+        """Queue a binary message; False (nothing queued) once the connection is closing or closed."""
+        if self.state is not _OPEN:
+            return False
+        self._write_message(0x02, data)
+        return True
+
+    def send_message(self, data: str | bytes | bytearray | memoryview) -> bool:
+        """Text for ``str``, binary otherwise."""
+        if isinstance(data, str):
+            return self.send_text(data)
+        return self.send_binary(data)
+
+    def send_fragment(self, opcode: int, data: bytes, fin: bool) -> bool:
+        """Queue one data frame of a fragmented message (``opcode`` 0 for continuations); never compressed."""
+        if self.state is not _OPEN:
+            return False
+        self._write_frame((0x80 if fin else 0) | opcode, data)
+        return True
+
+    def send_frame_bytes(self, frame: bytes) -> bool:
+        """Queue an already encoded, unmasked frame (a broadcast encoded once for all recipients)."""
+        if self.state is not _OPEN or self.role is not SERVER:
+            return False
+        self._out.append(frame)
+        self._out_size += len(frame)
+        return True
+
+    def send_ping(self, payload: bytes = b"") -> bool:
+        if self.state is not _OPEN:
+            return False
+        if len(payload) > 125:
+            raise ValueError("ping payload over 125 bytes")
+        self._write_frame(0x89, payload)
+        return True
+
+    def send_pong(self, payload: bytes = b"") -> bool:
+        if self.state is not _OPEN:
+            return False
+        if len(payload) > 125:
+            raise ValueError("pong payload over 125 bytes")
+        self._write_frame(0x8A, payload)
+        return True
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> bool:
+        """Start the closing handshake: queue a close frame and wait for the peer's (state CLOSING)."""
+        if self.state is not _OPEN:
+            return False
+        self._write_frame(0x88, encode_close_payload(code, reason))
+        self.close_code = code
+        self.close_reason = reason
+        self.state = _CLOSING
+        return True
+
+    def fail(self, code: int, reason: str) -> Closed | None:
+        """Give up on the connection now (close timeout, server error): close frame if possible, then TCP."""
+        if self.state is _CLOSED:
+            return None
+        return self._fail(code, reason)
+
+    def data_to_send(self) -> bytes:
+        """Everything queued since the last call, as one buffer for one ``send``."""
+        out = self._out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 and isinstance(out[0], bytes) else b"".join(out)
+        out.clear()
+        self._out_size = 0
+        return data
+
+    @property
+    def pending_output(self) -> int:
+        """Bytes queued and not yet taken by :meth:`data_to_send`."""
+        return self._out_size
+
+    def _write_message(self, opcode: int, payload: bytes | bytearray | memoryview) -> None:
+        deflate = self._deflate
+        if deflate is not None and deflate.should_compress(len(payload)):
+            self._write_frame(0xC0 | opcode, deflate.compress(bytes(payload)))
+        else:
+            self._write_frame(0x80 | opcode, payload)
+
+    def _write_frame(self, first: int, payload: bytes | bytearray | memoryview) -> None:
+        n = len(payload)
+        if self._mask_source is None:
+            self._out.append(bytes((first, n)) if n < 126 else encode_header(first, n))
+            if n:
+                self._out.append(payload)
+            self._out_size += n + (2 if n < 126 else 4 if n < 65536 else 10)
+        else:
+            mask = self._mask_source()
+            frame = encode_header(first, n, 0x80) + mask + mask_payload(payload, mask)
+            self._out.append(frame)
+            self._out_size += len(frame)
+
+
+def _random_mask() -> bytes:
+    return os.urandom(4)

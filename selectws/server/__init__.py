@@ -1,0 +1,1 @@
+"""The single-threaded selectors event loop and the glue between sockets and the protocol core."""

@@ -1,0 +1,561 @@
+"""One accepted TCP connection: the glue between its socket and the sans-I/O core.
+
+A :class:`Client` walks through four phases:
+
+``HANDSHAKE``  reading an HTTP request head (bounded, under the handshake timeout);
+``OPEN``       a WebSocket connection: bytes go to :class:`selectws.protocol.connection.Connection`, events to the
+               plugin, output is coalesced and written once per loop iteration;
+``DRAINING``   our side is done: a FIN went out after the last queued byte, input is discarded until the peer
+               closes or a short linger expires (closing a socket with unread input would send a RST that can
+               destroy the close frame or HTTP answer still in flight);
+``CLOSED``     the socket is closed and the object forgotten.
+
+(The WebSocket "closing" state is the core's ``State.CLOSING`` inside the ``OPEN`` phase.)
+
+The class is also the plugins' :class:`selectws.plugins.api.Session`, so an idle connection costs one object,
+its socket, its selector key, one timer and the core's state: that is what keeps 10,000 idle connections small.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+from typing import TYPE_CHECKING, Any
+
+from selectws.plugins.api import Accept, HandshakeRequest, Reject
+from selectws.protocol.connection import Connection, State
+from selectws.protocol.errors import CloseCode, HandshakeError
+from selectws.protocol.events import Closed, Message, Pong
+from selectws.protocol.handshake import build_accept_response, check_upgrade_request, choose_subprotocol
+from selectws.protocol.http11 import Headers, Request, build_response, parse_request
+
+if TYPE_CHECKING:
+    from selectws.server.loop import Timer
+    from selectws.server.routing import Route
+    from selectws.server.server import Server
+
+__all__ = ["Client"]
+
+HANDSHAKE, OPEN, DRAINING, CLOSED = 0, 1, 2, 3
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
+_LINGER = 2.0  # seconds to wait for the peer's FIN after ours
+_EMPTY_HEADERS = Headers()
+
+
+class Client:
+    """A TCP connection from accept to close; a :class:`Session` for plugins once the upgrade is done."""
+
+    __slots__ = (
+        "_awaiting_pong",
+        "_dirty",
+        "_events",
+        "_groups",
+        "_inbuf",
+        "_paused",
+        "_plugin_failed",
+        "_state",
+        "_timer",
+        "_wbuf",
+        "bytes_in",
+        "bytes_out",
+        "fd",
+        "headers",
+        "id",
+        "last_seen",
+        "opened_at",
+        "params",
+        "path",
+        "phase",
+        "query",
+        "remote",
+        "route",
+        "server",
+        "sock",
+        "subprotocol",
+        "ws",
+    )
+
+    def __init__(self, server: Server, sock: socket.socket, remote: tuple[str, int], client_id: int) -> None:
+        self.server = server
+        self.sock: socket.socket | None = sock
+        self.fd = sock.fileno()
+        self.remote = remote
+        self.id = client_id
+        self.phase = HANDSHAKE
+        self.ws: Connection | None = None
+        self.route: Route | None = None
+        self.path = ""
+        self.params: dict[str, str] = {}
+        self.query: dict[str, str] = {}
+        self.headers: Headers = _EMPTY_HEADERS
+        self.subprotocol: str | None = None
+        self._inbuf = bytearray()
+        self._wbuf = bytearray()
+        self._events = _READ
+        self._paused = False
+        self._dirty = False
+        self._groups: set[str] | None = None
+        self._state: dict[str, Any] | None = None
+        self._awaiting_pong = 0.0
+        self._plugin_failed = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.opened_at = server.loop.now
+        self.last_seen = self.opened_at
+        self._timer: Timer | None = server.loop.call_later(server.config.timeouts.handshake, self._on_timer)
+
+    # ================================================================== Session API (for plugins)
+    @property
+    def state(self) -> dict[str, Any]:
+        if self._state is None:
+            self._state = {}
+        return self._state
+
+    @property
+    def groups(self) -> frozenset[str]:
+        return frozenset(self._groups or ())
+
+    @property
+    def open(self) -> bool:
+        return self.phase == OPEN and self.ws is not None and self.ws.state is State.OPEN
+
+    def send_text(self, text: str) -> bool:
+        ws = self.ws
+        if ws is None or not ws.send_text(text):
+            return False
+        self.server.messages_out += 1
+        if not self._dirty:
+            self._dirty = True
+            self.server.dirty.append(self)
+        return True
+
+    def send_bytes(self, data: bytes | bytearray | memoryview) -> bool:
+        ws = self.ws
+        if ws is None or not ws.send_binary(data):
+            return False
+        self.server.messages_out += 1
+        if not self._dirty:
+            self._dirty = True
+            self.server.dirty.append(self)
+        return True
+
+    def send(self, message: str | bytes) -> bool:
+        if isinstance(message, str):
+            return self.send_text(message)
+        return self.send_bytes(message)
+
+    def send_frame(self, frame: bytes) -> bool:
+        """Queue a frame encoded once for many recipients (broadcast)."""
+        ws = self.ws
+        if ws is None or not ws.send_frame_bytes(frame):
+            return False
+        if not self._dirty:
+            self._dirty = True
+            self.server.dirty.append(self)
+        return True
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        ws = self.ws
+        if ws is not None and ws.close(code, reason):
+            self._start_close_timer()
+            self._mark_dirty()
+
+    def join(self, group: str) -> None:
+        self.server.join(self, group)
+
+    def leave(self, group: str) -> None:
+        self.server.leave(self, group)
+
+    def __repr__(self) -> str:
+        return f"<Client #{self.id} {self.remote[0]}:{self.remote[1]} {self.path or '-'}>"
+
+    # ================================================================== selector callbacks
+    def handle_event(self, mask: int) -> None:
+        if mask & _WRITE:
+            self._on_writable()
+        if mask & _READ and self.sock is not None:
+            self._on_readable()
+
+    def _on_readable(self) -> None:
+        sock = self.sock
+        assert sock is not None
+        server = self.server
+        try:
+            n = sock.recv_into(server.recv_buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._abort(f"recv failed: {exc}")
+            return
+        if n == 0:
+            self._on_eof()
+            return
+        self.bytes_in += n
+        self.last_seen = server.loop.now
+        data = server.recv_view[:n]
+        phase = self.phase
+        if phase == OPEN:
+            ws = self.ws
+            assert ws is not None
+            events = ws.receive_data(data)
+            if events:
+                self._handle_events(events)
+            if ws.pending_output or ws.close_transport:
+                self._mark_dirty()
+        elif phase == HANDSHAKE:
+            self._on_handshake_data(data)
+        # DRAINING: input is discarded.
+
+    def _on_writable(self) -> None:
+        sock = self.sock
+        assert sock is not None
+        try:
+            sent = sock.send(self._wbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._abort(f"send failed: {exc}")
+            return
+        self.bytes_out += sent
+        del self._wbuf[:sent]  # O(1) from the front of a bytearray
+        if not self._wbuf:
+            self._after_drain()
+        elif self._paused and len(self._wbuf) <= self.server.low_water:
+            self._paused = False
+            self._update_interest()
+
+    def _on_eof(self) -> None:
+        if self.phase == OPEN and self.ws is not None:
+            events = self.ws.receive_eof()
+            if events:
+                self._handle_events(events)
+        self._close_socket()
+
+    # ================================================================== handshake
+    def _on_handshake_data(self, data: memoryview) -> None:
+        self._inbuf += data
+        server = self.server
+        try:
+            parsed = parse_request(self._inbuf, server.http_limits)
+        except HandshakeError as exc:
+            server.log_handshake_failure(self, exc.status, exc.reason)
+            self._reject(exc.status, exc.reason, exc.headers)
+            return
+        if parsed is None:
+            return
+        request, used = parsed
+        rest = bytes(self._inbuf[used:])
+        self._inbuf = bytearray()
+        try:
+            self._handle_request(request, rest)
+        except HandshakeError as exc:
+            server.log_handshake_failure(self, exc.status, exc.reason, request.path)
+            self._reject(exc.status, exc.reason, exc.headers)
+
+    def _handle_request(self, request: Request, rest: bytes) -> None:
+        server = self.server
+        self.path = request.path
+        matched = server.router.match(request.path)
+        if matched is None:
+            handler = server.router.http.get(request.path)
+            if handler is None:
+                raise HandshakeError(404, f"no route for {request.path}")
+            if request.method not in ("GET", "HEAD"):
+                raise HandshakeError(405, f"method {request.method} not allowed", [("Allow", "GET, HEAD")])
+            status, headers, body = handler(request)
+            self._respond(build_response(status, headers, body, head_only=request.method == "HEAD"))
+            return
+        route, params = matched
+        key = check_upgrade_request(request)
+        if server.max_connections and server.open_count >= server.max_connections:
+            raise HandshakeError(503, "server is at its connection limit", [("Retry-After", "5")])
+        if server.draining:
+            raise HandshakeError(503, "server is shutting down")
+        offered = [t.strip() for v in request.headers.get_all("Sec-WebSocket-Protocol") for t in v.split(",")]
+        hs = HandshakeRequest(request.path, params, request.query, request.headers, self.remote, offered)
+        try:
+            decision = route.plugin.on_handshake(hs)
+        except Reject as exc:
+            raise HandshakeError(exc.status, exc.reason, exc.headers) from None
+        except Exception:
+            server.log.exception("plugin on_handshake failed", plugin=route.plugin_name, path=request.path)
+            raise HandshakeError(500, "internal error") from None
+        decision = decision or Accept()
+        supported = route.subprotocols or tuple(route.plugin.subprotocols)
+        subprotocol = decision.subprotocol or choose_subprotocol(request, supported)
+        if subprotocol is None and supported and route.plugin.subprotocol_required:
+            raise HandshakeError(400, f"a subprotocol is required: one of {', '.join(supported)}")
+        extension = None
+        ext_header = None
+        if route.compression and server.deflate_settings is not None:
+            offers = request.headers.get_all("Sec-WebSocket-Extensions")
+            if offers:
+                extension, ext_header = server.negotiate_deflate(offers)
+        limits = server.config.limits
+        self.ws = Connection(
+            max_message_size=limits.max_message_size, max_frame_size=limits.max_frame_size, extension=extension
+        )
+        self.route = route
+        self.params = params
+        self.query = request.query
+        self.headers = request.headers
+        self.subprotocol = subprotocol
+        self.phase = OPEN
+        self._write(build_accept_response(key, subprotocol, ext_header, decision.headers))
+        server.on_client_open(self)
+        self._reset_idle_timer()
+        try:
+            route.plugin.on_open(self)
+        except Exception:
+            self._plugin_error("on_open")
+        if rest and self.phase == OPEN:
+            self._handle_events(self.ws.receive_data(rest))
+            self._mark_dirty()
+
+    def _reject(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None) -> None:
+        self.server.rejected[status] = self.server.rejected.get(status, 0) + 1
+        body = f"{status} {reason}\n".encode()
+        self._respond(build_response(status, headers or [], body))
+
+    def _respond(self, data: bytes) -> None:
+        """An HTTP answer that ends the connection (no keep-alive: this port is for WebSocket first)."""
+        self.phase = DRAINING
+        self._write(data)
+        if not self._wbuf:
+            self._after_drain()
+
+    # ================================================================== open connection
+    def _handle_events(self, events: list[Message | Closed | Any]) -> None:
+        route = self.route
+        assert route is not None
+        on_message = route.plugin.on_message
+        server = self.server
+        for event in events:
+            if type(event) is Message:
+                server.messages_in += 1
+                if self._plugin_failed:
+                    continue
+                try:
+                    on_message(self, event.data)
+                except Exception:
+                    self._plugin_error("on_message")
+            elif type(event) is Closed:
+                self._on_ws_closed(event)
+            elif type(event) is Pong:
+                self._awaiting_pong = 0.0
+
+    def _plugin_error(self, hook: str) -> None:
+        route = self.route
+        self.server.log.exception(
+            "plugin raised; closing the connection with 1011",
+            plugin=route.plugin_name if route else None, hook=hook, conn=self.id, path=self.path,
+        )
+        self.server.plugin_errors += 1
+        self._plugin_failed = True
+        self.close(CloseCode.INTERNAL_ERROR, "internal server error")
+
+    def _on_ws_closed(self, event: Closed) -> None:
+        """The WebSocket is over (handshake done, failed or transport lost): tell the plugin, log, forget."""
+        server = self.server
+        if event.error:
+            server.log.warning(
+                "protocol error", conn=self.id, peer=self.remote[0], path=self.path, code=event.code,
+                reason=event.error,
+            )
+        route = self.route
+        if route is not None:
+            try:
+                route.plugin.on_close(self, event.code, event.reason)
+            except Exception:
+                server.log.exception("plugin on_close raised", plugin=route.plugin_name, conn=self.id)
+        server.on_client_closed(self, event)
+
+    def _mark_dirty(self) -> None:
+        if not self._dirty:
+            self._dirty = True
+            self.server.dirty.append(self)
+
+    def flush(self) -> None:
+        """Called once per loop iteration for connections with new output: one ``send`` for all of it."""
+        self._dirty = False
+        ws = self.ws
+        if ws is None or self.sock is None:
+            return
+        data = ws.data_to_send()
+        if data:
+            self._write(data)
+        if ws.close_transport and not self._wbuf and self.phase == OPEN:
+            self._shutdown_transport()
+
+    def _write(self, data: bytes) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        if self._wbuf:
+            self._wbuf += data
+        else:
+            try:
+                sent = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._abort(f"send failed: {exc}")
+                return
+            self.bytes_out += sent
+            if sent == len(data):
+                return
+            self._wbuf += memoryview(data)[sent:]
+        self._check_backpressure()
+
+    def _check_backpressure(self) -> None:
+        size = len(self._wbuf)
+        server = self.server
+        if size > server.hard_limit:
+            # The peer does not read at all: holding more would let one client grow our memory without bound.
+            server.log.warning(
+                "dropping a connection that does not read", conn=self.id, peer=self.remote[0], path=self.path,
+                buffered=size,
+            )
+            server.slow_consumers_dropped += 1
+            self._abort("write buffer over its hard limit", code=CloseCode.TRY_AGAIN_LATER)
+            return
+        if size > server.high_water and not self._paused:
+            self._paused = True  # stop reading what this peer sends until it reads what we send
+        self._update_interest()
+
+    def _after_drain(self) -> None:
+        """The write buffer just emptied."""
+        self._paused = False
+        if self.phase == DRAINING or (self.ws is not None and self.ws.close_transport):
+            self._shutdown_transport()
+        else:
+            self._update_interest()
+
+    def _update_interest(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        events = (0 if self._paused and self.phase == OPEN else _READ) | (_WRITE if self._wbuf else 0)
+        if events != self._events:
+            loop = self.server.loop
+            if events == 0:
+                loop.unregister(sock)
+            elif self._events == 0:
+                loop.register(sock, events, self)
+            else:
+                loop.modify(sock, events, self)
+            self._events = events
+
+    def _shutdown_transport(self) -> None:
+        """Send our FIN after the last byte, then wait briefly for the peer's (see the module docstring)."""
+        sock = self.sock
+        if sock is None:
+            return
+        if self.phase == OPEN and self.ws is not None and self.ws.state is not State.CLOSED:
+            return
+        if self.phase == DRAINING and self._timer is not None and self._timer.callback == self._linger_expired:
+            return
+        self.phase = DRAINING
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close_socket()
+            return
+        self._set_timer(_LINGER, self._linger_expired)
+        self._update_interest()
+
+    def _linger_expired(self) -> None:
+        self._close_socket()
+
+    # ================================================================== timers
+    def _set_timer(self, delay: float, callback: Any) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.server.loop.call_later(delay, callback)
+
+    def _reset_idle_timer(self) -> None:
+        self._set_timer(self.server.config.timeouts.ping_interval, self._on_timer)
+
+    def _start_close_timer(self) -> None:
+        self._set_timer(self.server.config.timeouts.close, self._on_close_timeout)
+
+    def _on_timer(self) -> None:
+        """Handshake timeout, or idle keepalive: ping after ``ping_interval`` idle, fail if no answer in time."""
+        self._timer = None
+        server = self.server
+        timeouts = server.config.timeouts
+        now = server.loop.now
+        if self.phase == HANDSHAKE:
+            server.log_handshake_failure(self, 408, "handshake timeout")
+            self._reject(408, "handshake timeout")
+            return
+        ws = self.ws
+        if self.phase != OPEN or ws is None or ws.state is not State.OPEN:
+            return
+        if self._awaiting_pong:
+            if self.last_seen >= self._awaiting_pong:
+                self._awaiting_pong = 0.0  # any input proves the peer alive
+            else:
+                closed = ws.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                if closed is not None:
+                    self._on_ws_closed(closed)
+                self._mark_dirty()
+                return
+        idle = now - self.last_seen
+        if idle < timeouts.ping_interval:
+            self._set_timer(timeouts.ping_interval - idle, self._on_timer)
+            return
+        ws.send_ping(b"keepalive")
+        self._awaiting_pong = now
+        self._mark_dirty()
+        self._set_timer(timeouts.ping_timeout, self._on_timer)
+
+    def _on_close_timeout(self) -> None:
+        self._timer = None
+        ws = self.ws
+        if ws is not None and ws.state is State.CLOSING:
+            closed = ws.fail(CloseCode.ABNORMAL, "close timeout: no close frame from the peer")
+            if closed is not None:
+                closed.error = None
+                self._on_ws_closed(closed)
+        self._close_socket()
+
+    # ================================================================== teardown
+    def _abort(self, why: str, code: int = CloseCode.ABNORMAL) -> None:
+        """Drop the transport now (I/O error, peer gone, hopeless backlog)."""
+        ws = self.ws
+        if self.phase == OPEN and ws is not None and ws.state is not State.CLOSED:
+            ws.state = State.CLOSED
+            self._on_ws_closed(Closed(code, why, by_peer=False))
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        if self.phase == OPEN and self.ws is not None and self.ws.state is not State.CLOSED:
+            self.ws.state = State.CLOSED
+            self._on_ws_closed(Closed(CloseCode.ABNORMAL, "connection closed", by_peer=True))
+        self.sock = None
+        self.phase = CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._events:
+            self.server.loop.unregister(sock)
+            self._events = 0
+        try:
+            sock.close()
+        except OSError:
+            pass
+        self._wbuf = bytearray()
+        self.server.on_client_gone(self)
+
+    def shutdown(self, code: int, reason: str) -> None:
+        """Server shutdown: close handshake for open connections, plain close for the others."""
+        if self.phase == OPEN:
+            self.close(code, reason)
+        elif self.phase == HANDSHAKE:
+            self._close_socket()
+

@@ -1,0 +1,174 @@
+"""The event loop: one ``selectors.DefaultSelector``, a timer heap, signals through a wakeup fd.
+
+It is deliberately boring. Each registered file object carries a handler in ``SelectorKey.data`` whose
+``handle_event(mask)`` is called when the selector reports it; timers are ``(deadline, seq, Timer)`` entries in a
+heap, cancelled lazily; signal handlers only write the signal number to a socketpair
+(:func:`signal.set_wakeup_fd`), and the loop runs the Python-level handler between iterations, so no code ever
+runs inside a signal handler and no system call is ever interrupted half-way. After the I/O callbacks of an
+iteration, ``end_of_iteration`` hooks run (the server flushes every connection that got output, one ``send`` per
+connection per iteration).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+__all__ = ["EventLoop", "Handler", "Timer"]
+
+
+class Handler(Protocol):
+    def handle_event(self, mask: int) -> None: ...
+
+
+class Timer:
+    """A scheduled callback; :meth:`cancel` makes the loop skip it."""
+
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _SignalWakeup:
+    """Readable end of the wakeup socketpair: each byte is a signal number."""
+
+    def __init__(self, loop: EventLoop) -> None:
+        self.loop = loop
+        self.rsock, self.wsock = socket.socketpair()
+        self.rsock.setblocking(False)
+        self.wsock.setblocking(False)
+
+    def handle_event(self, mask: int) -> None:
+        try:
+            data = self.rsock.recv(512)
+        except (BlockingIOError, InterruptedError):
+            return
+        for signum in data:
+            self.loop._pending_signals.append(signum)
+
+
+class EventLoop:
+    """A single-threaded selector loop with timers and signal dispatch."""
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._running = False
+        self._signal_handlers: dict[int, Callable[[int], None]] = {}
+        self._pending_signals: list[int] = []
+        self._wakeup: _SignalWakeup | None = None
+        self._old_wakeup_fd = -1
+        self.end_of_iteration: list[Callable[[], None]] = []
+        self.now = time.monotonic()
+        self.iterations = 0
+        self.max_lag = 0.0  # the longest an iteration took to come back to select(), seconds
+
+    # ------------------------------------------------------------------ I/O
+    def register(self, fileobj: Any, events: int, handler: Handler) -> None:
+        self.selector.register(fileobj, events, handler)
+
+    def modify(self, fileobj: Any, events: int, handler: Handler) -> None:
+        self.selector.modify(fileobj, events, handler)
+
+    def unregister(self, fileobj: Any) -> None:
+        try:
+            self.selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    # ------------------------------------------------------------------ timers
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        return self.call_at(time.monotonic() + delay, callback)
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(when, callback)
+        heapq.heappush(self._timers, (when, next(self._seq), timer))
+        return timer
+
+    def _run_timers(self) -> None:
+        now = self.now = time.monotonic()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, timer = heapq.heappop(timers)
+            if not timer.cancelled:
+                timer.cancelled = True
+                timer.callback()
+
+    # ------------------------------------------------------------------ signals
+    def add_signal_handler(self, signum: int, handler: Callable[[int], None]) -> None:
+        """Run ``handler(signum)`` in the loop when the signal arrives."""
+        if self._wakeup is None:
+            self._wakeup = _SignalWakeup(self)
+            self.selector.register(self._wakeup.rsock, selectors.EVENT_READ, self._wakeup)
+            self._old_wakeup_fd = signal.set_wakeup_fd(self._wakeup.wsock.fileno(), warn_on_full_buffer=False)
+        self._signal_handlers[signum] = handler
+        # The Python-level handler does nothing: the C handler already wrote the number to the wakeup fd.
+        signal.signal(signum, _noop_signal_handler)
+
+    def _dispatch_signals(self) -> None:
+        pending, self._pending_signals = self._pending_signals, []
+        for signum in pending:
+            handler = self._signal_handlers.get(signum)
+            if handler is not None:
+                handler(signum)
+
+    # ------------------------------------------------------------------ running
+    def stop(self) -> None:
+        self._running = False
+
+    def run(self) -> None:
+        """Run until :meth:`stop`."""
+        self._running = True
+        select = self.selector.select
+        timers = self._timers
+        hooks = self.end_of_iteration
+        while self._running:
+            if timers:
+                timeout: float | None = max(0.0, timers[0][0] - time.monotonic())
+            else:
+                timeout = None
+            if self._pending_signals:
+                timeout = 0.0
+            events = select(timeout)
+            start = self.now = time.monotonic()
+            for key, mask in events:
+                key.data.handle_event(mask)
+            for hook in hooks:
+                hook()
+            if self._pending_signals:
+                self._dispatch_signals()
+            if timers and timers[0][0] <= start:
+                self._run_timers()
+            lag = time.monotonic() - start
+            if lag > self.max_lag:
+                self.max_lag = lag
+            self.iterations += 1
+
+    def close(self) -> None:
+        for signum in list(self._signal_handlers):
+            signal.signal(signum, signal.SIG_DFL)
+        self._signal_handlers.clear()
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._old_wakeup_fd)
+            self.unregister(self._wakeup.rsock)
+            self._wakeup.rsock.close()
+            self._wakeup.wsock.close()
+            self._wakeup = None
+        self.selector.close()
+
+
+def _noop_signal_handler(signum: int, frame: object) -> None:
+    """Present so Python does not apply the default action; the loop does the work."""

@@ -1,0 +1,65 @@
+"""URL routing: WebSocket routes with ``{name}`` path parameters, and plain HTTP handlers on the same port."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from selectws.plugins.api import Plugin
+from selectws.protocol.http11 import Request
+
+__all__ = ["HttpHandler", "HttpResult", "Route", "Router", "compile_path"]
+
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+#: An HTTP handler answers a request with (status, headers, body).
+HttpResult = tuple[int, list[tuple[str, str]], bytes]
+HttpHandler = Callable[[Request], HttpResult]
+
+
+def compile_path(path: str) -> re.Pattern[str] | None:
+    """A regex for a path with ``{name}`` segments (each matches one non-empty segment), or None if literal."""
+    if "{" not in path:
+        return None
+    pattern, pos = "", 0
+    for match in _PARAM.finditer(path):
+        pattern += re.escape(path[pos : match.start()]) + f"(?P<{match.group(1)}>[^/]+)"
+        pos = match.end()
+    return re.compile(pattern + re.escape(path[pos:]) + r"\Z")
+
+
+@dataclass(slots=True)
+class Route:
+    """A WebSocket route: where a plugin is mounted and how its handshake is negotiated."""
+
+    path: str
+    plugin: Plugin
+    plugin_name: str
+    subprotocols: tuple[str, ...] = ()
+    compression: bool = True
+    pattern: re.Pattern[str] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        self.pattern = compile_path(self.path)
+
+
+class Router:
+    """Literal paths are looked up in a dict; parameterised ones are tried in config order."""
+
+    def __init__(self, routes: list[Route], http: dict[str, HttpHandler] | None = None) -> None:
+        self.routes = routes
+        self._exact = {r.path: r for r in routes if r.pattern is None}
+        self._patterns = [r for r in routes if r.pattern is not None]
+        self.http: dict[str, HttpHandler] = dict(http or {})
+
+    def match(self, path: str) -> tuple[Route, dict[str, str]] | None:
+        route = self._exact.get(path)
+        if route is not None:
+            return route, {}
+        for route in self._patterns:
+            assert route.pattern is not None
+            m = route.pattern.match(path)
+            if m:
+                return route, m.groupdict()
+        return None

@@ -1,0 +1,450 @@
+"""The server: listening sockets, the connection registry, groups and broadcast, shutdown.
+
+It owns one :class:`EventLoop`. Everything runs on that loop's thread: accepting, reading, the plugins, timers and
+signals. The registry is plain dicts keyed by connection id; groups are dicts of members in join order, so a
+broadcast walks its members once and hands each the same encoded frame.
+"""
+
+from __future__ import annotations
+
+import errno
+import resource
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from selectws.brokers.memory import MemoryBroker
+from selectws.ops.config import Config
+from selectws.ops.logging import get_logger
+from selectws.ops.sdnotify import Notifier, watchdog_interval
+from selectws.plugins.api import Plugin, Session
+from selectws.plugins.registry import find_plugin
+from selectws.protocol.errors import CloseCode
+from selectws.protocol.events import Closed
+from selectws.protocol.frames import encode_frame
+from selectws.protocol.http11 import HttpLimits
+from selectws.server.client import OPEN, Client
+from selectws.server.loop import EventLoop
+from selectws.server.routing import Route, Router
+
+__all__ = ["Listener", "Server", "raise_nofile_limit"]
+
+_RECV_SIZE = 256 * 1024
+_ACCEPT_BATCH = 128
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (every connection is a file descriptor)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+        except (ValueError, OSError):
+            return soft
+    return soft
+
+
+class Listener:
+    """A listening socket in the loop; accepts in batches so a burst of connections costs few iterations."""
+
+    def __init__(self, server: Server, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        sock.setblocking(False)
+
+    def handle_event(self, mask: int) -> None:
+        server = self.server
+        accept = self.sock.accept
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, addr = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    server.log.error("accept failed: out of resources", error=str(exc))
+                    server.accept_errors += 1
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            server.accept_client(conn, addr)
+
+    @property
+    def address(self) -> tuple[Any, ...]:
+        addr: tuple[Any, ...] = self.sock.getsockname()
+        return addr
+
+
+class Server:
+    """The daemon: one loop, its listeners, its clients, its plugins."""
+
+    def __init__(
+        self,
+        config: Config,
+        sockets: Iterable[socket.socket] | None = None,
+        *,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.loop = EventLoop()
+        self.log = get_logger("selectws.server")
+        self.notifier = notifier or Notifier.from_env()
+        self.recv_buffer = bytearray(_RECV_SIZE)
+        self.recv_view = memoryview(self.recv_buffer)
+        self.dirty: list[Client] = []
+        self.clients: dict[int, Client] = {}  # every accepted socket, by id
+        self.sessions: dict[int, Client] = {}  # open WebSocket connections, by id
+        self.groups: dict[str, dict[int, Client]] = {}
+        self.broker = MemoryBroker(self._deliver)
+        self.listeners: list[Listener] = []
+        self._inherited = list(sockets) if sockets is not None else None
+        self._next_id = 1
+        self.draining = False
+        self._stopped = False
+        self._grace_timer: Any = None
+        self.started_at = time.time()
+        # Counters: plain integers on the hot path, turned into metrics only when asked.
+        self.accepted = 0
+        self.accept_errors = 0
+        self.rejected: dict[int, int] = {}
+        self.handshake_failures = 0
+        self.messages_in = 0
+        self.messages_out = 0
+        self.plugin_errors = 0
+        self.slow_consumers_dropped = 0
+        self.close_codes: dict[int, int] = {}
+        self.closed_bytes_in = 0
+        self.closed_bytes_out = 0
+        self.apply_config(config)
+        self.loop.end_of_iteration.append(self._flush_dirty)
+
+    # ------------------------------------------------------------------ configuration
+    def apply_config(self, config: Config) -> None:
+        """Build routes and limits from ``config`` (at start, and on reload)."""
+        self.config = config
+        limits = config.limits
+        self.http_limits = HttpLimits(limits.max_request_line, limits.max_header_count, limits.max_header_bytes)
+        self.high_water = limits.write_buffer_high
+        self.low_water = limits.write_buffer_high // 4
+        # A connection whose backlog passes this is not reading at all and is dropped (close 1013).
+        self.hard_limit = limits.write_buffer_high * 4 + limits.max_message_size
+        self.max_connections = limits.max_connections
+        routes = []
+        for rc in config.routes:
+            plugin_cls = find_plugin(rc.plugin)
+            plugin: Plugin = plugin_cls(self, rc.options)
+            compression = config.compression.enabled if rc.compression is None else rc.compression
+            routes.append(Route(rc.path, plugin, rc.plugin, tuple(rc.subprotocols), compression))
+        self.router = Router(routes, getattr(self, "router", Router([])).http)
+        self.deflate_settings: Any = None
+        if config.compression.enabled or any(r.compression for r in routes):
+            from selectws.protocol.deflate import DeflateSettings
+
+            c = config.compression
+            self.deflate_settings = DeflateSettings(
+                server_max_window_bits=c.server_max_window_bits,
+                client_max_window_bits=c.client_max_window_bits,
+                server_no_context_takeover=c.server_no_context_takeover,
+                client_no_context_takeover=c.client_no_context_takeover,
+                memory_level=c.memory_level,
+                min_size=c.min_size,
+            )
+
+    def negotiate_deflate(self, offers: list[str]) -> tuple[Any, str | None]:
+        """permessage-deflate for one handshake: (extension object, response header) or (None, None)."""
+        from selectws.protocol.deflate import PerMessageDeflate, negotiate_server
+
+        agreed = negotiate_server(offers, self.deflate_settings)
+        if agreed is None:
+            return None, None
+        header, params = agreed
+        ext = PerMessageDeflate(
+            params, is_server=True, memory_level=self.deflate_settings.memory_level,
+            min_size=self.deflate_settings.min_size,
+        )
+        return ext, header
+
+    # ------------------------------------------------------------------ listening
+    def _bind(self) -> list[socket.socket]:
+        host, port = self.config.server.host, self.config.server.port
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        socks: list[socket.socket] = []
+        seen = set()
+        for family, type_, proto, _, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+                sock.listen(self.config.server.backlog)
+            except OSError:
+                sock.close()
+                for s in socks:
+                    s.close()
+                raise
+            socks.append(sock)
+            if port == 0:
+                # An ephemeral port: bind the other families to the same number.
+                port = sock.getsockname()[1]
+                infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        return socks
+
+    def start(self) -> None:
+        """Listen, install signal handlers, tell systemd we are ready."""
+        raise_nofile_limit()
+        socks = self._inherited if self._inherited else self._bind()
+        for sock in socks:
+            listener = Listener(self, sock)
+            self.listeners.append(listener)
+            self.loop.register(sock, selectors.EVENT_READ, listener)
+        self.loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
+        self.loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
+        self.loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+        addresses = [_format_addr(listener.address) for listener in self.listeners]
+        self.log.info(
+            "listening", addresses=addresses, routes=[f"{r.path} -> {r.plugin_name}" for r in self.router.routes],
+            inherited=bool(self._inherited), pid=_getpid(),
+        )
+        self.notifier.ready(status=f"listening on {', '.join(addresses)}")
+        interval = watchdog_interval()
+        if interval:
+            self._watchdog(interval)
+        self.loop.call_later(5.0, self._status_tick)
+
+    def run(self) -> None:
+        """Start and run until shut down."""
+        self.start()
+        try:
+            self.loop.run()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for listener in self.listeners:
+            self.loop.unregister(listener.sock)
+            listener.sock.close()
+        self.listeners = []
+        for client in list(self.clients.values()):
+            client._close_socket()
+        self.loop.close()
+        self.notifier.close()
+
+    # ------------------------------------------------------------------ connections
+    def accept_client(self, sock: socket.socket, addr: Any) -> None:
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        client_id = self._next_id
+        self._next_id += 1
+        remote = (str(addr[0]), int(addr[1])) if isinstance(addr, tuple) else (str(addr), 0)
+        client = Client(self, sock, remote, client_id)
+        self.clients[client_id] = client
+        self.accepted += 1
+        self.loop.register(sock, selectors.EVENT_READ, client)
+
+    def on_client_open(self, client: Client) -> None:
+        self.sessions[client.id] = client
+        self.log.info(
+            "open", conn=client.id, peer=client.remote[0], port=client.remote[1], path=client.path,
+            subprotocol=client.subprotocol,
+        )
+
+    def on_client_closed(self, client: Client, event: Closed) -> None:
+        """The WebSocket of ``client`` ended (its socket may still be draining)."""
+        if self.sessions.pop(client.id, None) is None:
+            return
+        for group in list(client._groups or ()):
+            self.leave(client, group)
+        self.close_codes[event.code] = self.close_codes.get(event.code, 0) + 1
+        self.log.info(
+            "close", conn=client.id, peer=client.remote[0], path=client.path, code=event.code,
+            reason=event.reason, by_peer=event.by_peer, duration=round(self.loop.now - client.opened_at, 3),
+            bytes_in=client.bytes_in, bytes_out=client.bytes_out,
+        )
+
+    def on_client_gone(self, client: Client) -> None:
+        """The socket of ``client`` is closed."""
+        if self.clients.pop(client.id, None) is not None:
+            self.closed_bytes_in += client.bytes_in
+            self.closed_bytes_out += client.bytes_out
+        if self.draining and not self.clients:
+            self._finish_shutdown()
+
+    def log_handshake_failure(self, client: Client, status: int, reason: str, path: str | None = None) -> None:
+        self.handshake_failures += 1
+        self.log.warning(
+            "handshake refused", conn=client.id, peer=client.remote[0], path=path or client.path or None,
+            status=status, reason=reason,
+        )
+
+    def _flush_dirty(self) -> None:
+        dirty = self.dirty
+        while dirty:
+            batch = dirty[:]
+            dirty.clear()
+            for client in batch:
+                client.flush()
+
+    @property
+    def open_count(self) -> int:
+        return len(self.sessions)
+
+    # ------------------------------------------------------------------ ServerAPI for plugins
+    def join(self, session: Session, group: str) -> None:
+        client = self.sessions.get(session.id)
+        if client is None:
+            return
+        members = self.groups.get(group)
+        if members is None:
+            members = self.groups[group] = {}
+            self.broker.subscribe(group)
+        members[client.id] = client
+        if client._groups is None:
+            client._groups = set()
+        client._groups.add(group)
+
+    def leave(self, session: Session, group: str) -> None:
+        members = self.groups.get(group)
+        if members is None:
+            return
+        client = members.pop(session.id, None)
+        if client is not None and client._groups is not None:
+            client._groups.discard(group)
+        if not members:
+            del self.groups[group]
+            self.broker.unsubscribe(group)
+
+    def members(self, group: str) -> list[Session]:
+        return list(self.groups.get(group, {}).values())
+
+    def broadcast(self, group: str, message: str | bytes, exclude: Session | Iterable[Session] | None = None) -> int:
+        return self.broker.publish(group, message, _exclude_ids(exclude))
+
+    def _deliver(self, group: str, message: str | bytes, exclude: frozenset[int]) -> int:
+        """Local delivery of a group message: encode the frame once, hand the same bytes to every member."""
+        members = self.groups.get(group)
+        if not members:
+            return 0
+        text = isinstance(message, str)
+        frame = encode_frame(0x01 if text else 0x02, message.encode("utf-8") if text else message)  # type: ignore[union-attr,arg-type]
+        count = 0
+        for client_id, client in list(members.items()):
+            if client_id in exclude:
+                continue
+            ws = client.ws
+            if ws is None:
+                continue
+            # A compressing connection gets its own compressed frame; all others share one frame.
+            sent = client.send(message) if ws._deflate is not None else client.send_frame(frame)
+            if sent:
+                count += 1
+        self.messages_out += count
+        return count
+
+    def get(self, session_id: int) -> Session | None:
+        return self.sessions.get(session_id)
+
+    def all_sessions(self) -> list[Session]:
+        return list(self.sessions.values())
+
+    # ------------------------------------------------------------------ signals, shutdown
+    def _on_stop_signal(self, signum: int) -> None:
+        if self.draining:
+            self.log.warning("second stop signal: closing everything now", signal=signal.Signals(signum).name)
+            self._finish_shutdown()
+            return
+        self.log.info("stop signal: draining", signal=signal.Signals(signum).name, connections=len(self.sessions))
+        self.shutdown()
+
+    def _on_reload_signal(self, signum: int) -> None:
+        reload = getattr(self, "reload_callback", None)
+        if reload is None:
+            self.log.info("SIGHUP: no configuration file to reload")
+            return
+        self.notifier.reloading()
+        try:
+            config = reload()
+        except Exception as exc:
+            self.log.error("reload failed; keeping the running configuration", error=str(exc))
+            self.notifier.ready()
+            return
+        self.apply_config(config)
+        self.log.info("configuration reloaded", source=config.source)
+        self.notifier.ready()
+
+    def shutdown(self, grace: float | None = None) -> None:
+        """Graceful shutdown: stop accepting, close 1001 everywhere, flush, exit within the grace period."""
+        if self.draining:
+            return
+        self.draining = True
+        self.notifier.stopping()
+        for listener in self.listeners:
+            self.loop.unregister(listener.sock)
+            listener.sock.close()
+        self.listeners = []
+        for client in list(self.clients.values()):
+            client.shutdown(CloseCode.GOING_AWAY, "server shutting down")
+        self._flush_dirty()
+        if not self.clients:
+            self._finish_shutdown()
+            return
+        grace = self.config.timeouts.shutdown_grace if grace is None else grace
+        self._grace_timer = self.loop.call_later(grace, self._grace_expired)
+
+    def _grace_expired(self) -> None:
+        self.log.warning("shutdown grace period over; closing the remaining connections", remaining=len(self.clients))
+        self._finish_shutdown()
+
+    def _finish_shutdown(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        for client in list(self.clients.values()):
+            client._close_socket()
+        self.log.info("stopped", accepted=self.accepted)
+        self.loop.stop()
+
+    # ------------------------------------------------------------------ periodic
+    def _watchdog(self, interval: float) -> None:
+        self.notifier.watchdog()
+        self.loop.call_later(interval, lambda: self._watchdog(interval))
+
+    def _status_tick(self) -> None:
+        if self.notifier.enabled:
+            self.notifier.status(f"{len(self.sessions)} connections open, {self.accepted} accepted")
+        self.loop.call_later(5.0, self._status_tick)
+
+
+def _exclude_ids(exclude: Session | Iterable[Session] | None) -> frozenset[int]:
+    if exclude is None:
+        return frozenset()
+    if isinstance(exclude, Client):
+        return frozenset((exclude.id,))
+    if not isinstance(exclude, Iterable):
+        return frozenset((exclude.id,))
+    return frozenset(s.id for s in exclude)
+
+
+def _format_addr(addr: tuple[Any, ...]) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _getpid() -> int:
+    import os
+
+    return os.getpid()
+
+
+__all__ += ["OPEN"]

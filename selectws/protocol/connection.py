@@ -80,6 +80,9 @@ class Connection:
         "_mask_source",
         "_out",
         "_out_size",
+        "_partial_checked",
+        "_partial_decoder",
+        "_pending_fail",
         "close_code",
         "close_reason",
         "close_transport",
@@ -116,6 +119,11 @@ class Connection:
         self._frag_size = 0
         self._frag_decoder: codecs.IncrementalDecoder | None = None
         self._frag_compressed = False
+        # Fail-fast UTF-8 inside one text frame still arriving: how much of its payload is already checked.
+        self._partial_checked = 0
+        self._partial_decoder: codecs.IncrementalDecoder | None = None
+        # A violation found after good frames in the same batch: failed once their answers are queued.
+        self._pending_fail: tuple[int, str] | None = None
         self.close_code: int | None = None  # the code of the close frame we sent, once sent
         self.close_reason = ""
         self.close_transport = False  # the driver closes TCP once data_to_send() is drained
@@ -127,7 +135,7 @@ class Connection:
 
         ``data`` may be a view of the driver's reusable receive buffer: everything kept past this call is copied.
         """
-        if self.state is _CLOSED:
+        if self.state is _CLOSED or self._pending_fail is not None:
             return []
         buf: bytes | bytearray | memoryview
         if self._buf:
@@ -198,7 +206,12 @@ class Connection:
                         )
                 if expect_mask:
                     if end - i < length + 4:
+                        if end - i > 4 and (opcode == 0x01 and not b0 & 0x40 or opcode == 0 and self._frag_decoder):
+                            self._check_partial_text(buf, i, end)
                         break
+                    if self._partial_checked:
+                        self._partial_checked = 0
+                        self._partial_decoder = None
                     payload = mask_payload(buf[i + 4 : i + 4 + length], bytes(buf[i : i + 4]))
                     pos = i + 4 + length
                 else:
@@ -220,8 +233,14 @@ class Connection:
                 else:
                     self._data_frame(b0, opcode, payload, append)
         except ProtocolError as exc:
-            append(self._fail(exc.code, exc.reason))
             self._buf = bytearray()
+            if events and self.state is _OPEN:
+                # Let the driver act on the frames that came before the violation first, so that (say) the echo
+                # of a valid message still precedes our close frame; data_to_send() then fails the connection.
+                self._pending_fail = (exc.code, exc.reason)
+                append(Closed(exc.code, exc.reason, by_peer=False, error=exc.reason))
+            else:
+                append(self._fail(exc.code, exc.reason))
             return events
         if self.state is _CLOSED:
             self._buf = bytearray()
@@ -236,12 +255,34 @@ class Connection:
 
     def receive_eof(self) -> list[Event]:
         """The transport was closed by the peer. Without a completed close handshake that is a 1006."""
-        if self.state is _CLOSED:
+        if self.state is _CLOSED or self._pending_fail is not None:
             return []
         self.state = _CLOSED
         self.close_transport = True
         self._buf = bytearray()
         return [Closed(CloseCode.ABNORMAL, "connection closed without a close frame", by_peer=True)]
+
+    def _check_partial_text(self, buf: bytes | bytearray | memoryview, i: int, end: int) -> None:
+        """Validate the part of an incomplete text frame that is already here (fail fast, RFC 6455 section 8.1).
+
+        Only the bytes not checked by an earlier call are decoded, on a copy of the message's decoder state, so a
+        large frame arriving in many reads costs one extra pass, never a quadratic one.
+        """
+        mask = bytes(buf[i : i + 4])
+        start = i + 4 + self._partial_checked
+        if end <= start:
+            return
+        if self._partial_decoder is None:
+            self._partial_decoder = _Utf8Decoder()
+            if self._frag_decoder is not None:
+                self._partial_decoder.setstate(self._frag_decoder.getstate())
+        shift = self._partial_checked & 3
+        chunk = mask_payload(buf[start:end], mask[shift:] + mask[:shift])
+        self._partial_checked += len(chunk)
+        try:
+            self._partial_decoder.decode(chunk, False)
+        except UnicodeDecodeError:
+            raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message") from None
 
     def _check_rsv(self, b0: int, opcode: int) -> None:
         # RSV1 belongs to permessage-deflate, on the first frame of a data message only (RFC 7692 section 6).
@@ -406,6 +447,10 @@ class Connection:
 
     def data_to_send(self) -> bytes:
         """Everything queued since the last call, as one buffer for one ``send``."""
+        if self._pending_fail is not None:
+            code, reason = self._pending_fail
+            self._pending_fail = None
+            self._fail(code, reason)
         out = self._out
         if not out:
             return b""
@@ -417,7 +462,7 @@ class Connection:
     @property
     def pending_output(self) -> int:
         """Bytes queued and not yet taken by :meth:`data_to_send`."""
-        return self._out_size
+        return self._out_size + (self._pending_fail is not None)
 
     def _write_message(self, opcode: int, payload: bytes | bytearray | memoryview) -> None:
         deflate = self._deflate

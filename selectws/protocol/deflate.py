@@ -341,9 +341,10 @@ def negotiate_server(header_values: Iterable[str], settings: DeflateSettings) ->
 
     Returns the value of the ``Sec-WebSocket-Extensions`` response header and the agreed parameters, or ``None``
     when nothing acceptable was offered (the connection then runs uncompressed, which is not an error). Offers
-    of other extensions are ignored. An offer that breaks RFC 7692 (unknown or duplicate parameter, invalid
-    value) is declined and the next one is tried (section 5). Raises :class:`NegotiationError` (400) only when
-    the header itself is malformed.
+    of other extensions are ignored; names are compared case-insensitively, like other HTTP tokens (no RFC
+    requires it, and no client depends on the opposite). An offer that breaks RFC 7692 (unknown or duplicate
+    parameter, invalid value) is declined and the next one is tried (section 5). Raises
+    :class:`NegotiationError` (400) only when the header itself is malformed.
     """
     for name, params in parse_extensions(header_values):
         if name.lower() != EXTENSION_NAME:
@@ -500,7 +501,8 @@ class PerMessageDeflate:
             peer_bits, peer_reset = params.server_max_window_bits, params.server_no_context_takeover
         self._compress_bits = max(own_bits, _MIN_COMPRESS_BITS)
         self._compress_reset = own_reset
-        # Inflating with the agreed window (8 included) both saves memory and catches a peer that exceeds it.
+        # Inflating with the agreed window (8 included) saves memory and, across messages, catches a peer that
+        # exceeds it ("invalid distance too far back" -> 1007).
         self._decompress_bits = peer_bits
         self._decompress_reset = peer_reset
         self._compressor: zlib._Compress | None = None

@@ -141,12 +141,15 @@ def parse_request(buf: bytes | bytearray, limits: HttpLimits = HttpLimits()) -> 
     """
     line_end = buf.find(b"\r\n", 0, limits.max_request_line + 2)
     if line_end < 0:
-        if len(buf) > limits.max_request_line:
+        # A line of exactly the limit may be waiting for the "\n" of its CRLF: do not count a trailing "\r".
+        if len(buf) - buf.endswith(b"\r") > limits.max_request_line:
             raise HandshakeError(414, "request line too long")
         return None
     end = _find_head_end(buf, limits.max_header_bytes)
     if end < 0:
-        if len(buf) >= limits.max_header_bytes:
+        # The head may be up to max_header_bytes before its CRLFCRLF (as when it arrives in one piece): it can
+        # no longer fit only once the terminator could not end within max_header_bytes + 4.
+        if len(buf) >= limits.max_header_bytes + 4:
             raise HandshakeError(431, "request header too large")
         # Count complete header lines already here, so a client cannot send 10,000 tiny headers slowly.
         if buf.count(b"\r\n", 0, limits.max_header_bytes) - 1 > limits.max_header_count:

@@ -206,7 +206,7 @@ class Connection:
                         )
                 if expect_mask:
                     if end - i < length + 4:
-                        if end - i > 4 and (opcode == 0x01 and not b0 & 0x40 or opcode == 0 and self._frag_decoder):
+                        if end - i > 4 and ((opcode == 0x01 and not b0 & 0x40) or (opcode == 0 and self._frag_decoder)):
                             self._check_partial_text(buf, i, end)
                         break
                     if self._partial_checked:

@@ -39,6 +39,8 @@ __all__ = [
     "ConfigError",
     "LimitsConfig",
     "LoggingConfig",
+    "OpsConfig",
+    "StaticConfig",
     "RouteConfig",
     "ServerConfig",
     "TimeoutsConfig",
@@ -267,6 +269,34 @@ class CompressionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OpsConfig:
+    """Operator endpoints served over plain HTTP: health check and Prometheus metrics."""
+
+    healthz: bool = _bool(True)
+    """Serve ``healthz_path``: 200 while serving, 503 while draining."""
+    healthz_path: str = field(default="/healthz", metadata={_RULE: _Rule(str, non_empty=True)})
+    """URL path of the health check."""
+    metrics: bool = _bool(True)
+    """Serve ``metrics_path`` in the Prometheus text format."""
+    metrics_path: str = field(default="/metrics", metadata={_RULE: _Rule(str, non_empty=True)})
+    """URL path of the metrics."""
+    listen: str = field(default="", metadata={_RULE: _Rule(str)})
+    """Empty: serve them on the WebSocket port. ``host:port``: serve them on a separate listener instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class StaticConfig:
+    """The static file handler that serves the browser demo (or a folder of your own files)."""
+
+    enabled: bool = _bool(True)
+    """Serve static files at all."""
+    directory: str = field(default="", metadata={_RULE: _Rule(str)})
+    """Folder to serve; empty serves the built-in chat demo shipped in the package."""
+    url_prefix: str = field(default="/", metadata={_RULE: _Rule(str, non_empty=True)})
+    """URL prefix under which the files appear (``/`` serves ``index.html`` at the root)."""
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     """One URL path served by one plugin."""
 
@@ -304,6 +334,8 @@ class Config:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
+    static: StaticConfig = field(default_factory=StaticConfig)
     routes: tuple[RouteConfig, ...] = field(default_factory=_default_routes)
     source: str | None = None
     """Path of the file this came from (``None`` for defaults/in-memory data); used by reload."""
@@ -316,6 +348,8 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "timeouts": TimeoutsConfig,
     "logging": LoggingConfig,
     "compression": CompressionConfig,
+    "ops": OpsConfig,
+    "static": StaticConfig,
 }
 _TOP_LEVEL: Final[tuple[str, ...]] = (*_SECTIONS, "routes")
 _ROUTE_KEYS: Final[tuple[str, ...]] = ("path", "plugin", "options", "subprotocols", "compression")

@@ -258,7 +258,7 @@ class Client:
         self.path = request.path
         matched = server.router.match(request.path)
         if matched is None:
-            handler = server.router.http.get(request.path)
+            handler = server.router.http_handler(request.path)
             if handler is None:
                 raise HandshakeError(404, f"no route for {request.path}")
             if request.method not in ("GET", "HEAD"):

@@ -47,11 +47,19 @@ class Route:
 class Router:
     """Literal paths are looked up in a dict; parameterised ones are tried in config order."""
 
-    def __init__(self, routes: list[Route], http: dict[str, HttpHandler] | None = None) -> None:
+    def __init__(
+        self, routes: list[Route], http: dict[str, HttpHandler] | None = None, fallback: HttpHandler | None = None
+    ) -> None:
         self.routes = routes
         self._exact = {r.path: r for r in routes if r.pattern is None}
         self._patterns = [r for r in routes if r.pattern is not None]
+        #: Plain HTTP handlers by exact path (health, metrics).
         self.http: dict[str, HttpHandler] = dict(http or {})
+        #: Handler for any other plain HTTP GET/HEAD (the static files); None answers 404.
+        self.fallback: HttpHandler | None = fallback
+
+    def http_handler(self, path: str) -> HttpHandler | None:
+        return self.http.get(path) or self.fallback
 
     def match(self, path: str) -> tuple[Route, dict[str, str]] | None:
         route = self._exact.get(path)

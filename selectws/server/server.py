@@ -140,7 +140,8 @@ class Server:
             plugin: Plugin = plugin_cls(self, rc.options)
             compression = config.compression.enabled if rc.compression is None else rc.compression
             routes.append(Route(rc.path, plugin, rc.plugin, tuple(rc.subprotocols), compression))
-        self.router = Router(routes, getattr(self, "router", Router([])).http)
+        previous = getattr(self, "router", None)
+        self.router = Router(routes, previous.http if previous else None, previous.fallback if previous else None)
         self.deflate_settings: Any = None
         if config.compression.enabled or any(r.compression for r in routes):
             from selectws.protocol.deflate import DeflateSettings

@@ -460,6 +460,11 @@ class Connection:
         return data
 
     @property
+    def extension(self) -> Extension | None:
+        """The negotiated permessage-deflate, if any."""
+        return self._deflate
+
+    @property
     def pending_output(self) -> int:
         """Bytes queued and not yet taken by :meth:`data_to_send`."""
         return self._out_size + (self._pending_fail is not None)

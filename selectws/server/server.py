@@ -22,6 +22,7 @@ from selectws.ops.logging import get_logger
 from selectws.ops.sdnotify import Notifier, watchdog_interval
 from selectws.plugins.api import Plugin, Session
 from selectws.plugins.registry import find_plugin
+from selectws.protocol.deflate import PerMessageDeflate, compress_shared
 from selectws.protocol.errors import CloseCode
 from selectws.protocol.events import Closed
 from selectws.protocol.frames import encode_frame
@@ -338,7 +339,10 @@ class Server:
         if not members:
             return 0
         text = isinstance(message, str)
-        frame = encode_frame(0x01 if text else 0x02, message.encode("utf-8") if text else message)  # type: ignore[union-attr,arg-type]
+        opcode = 0x01 if text else 0x02
+        payload: bytes = message.encode("utf-8") if text else message  # type: ignore[union-attr,assignment]
+        frame = encode_frame(opcode, payload)
+        compressed: dict[int, bytes] = {}  # window bits -> one compressed frame for every shareable recipient
         count = 0
         for client_id, client in list(members.items()):
             if client_id in exclude:
@@ -346,8 +350,20 @@ class Server:
             ws = client.ws
             if ws is None:
                 continue
-            # A compressing connection gets its own compressed frame; all others share one frame.
-            sent = client.send(message) if ws._deflate is not None else client.send_frame(frame)
+            ext = ws.extension
+            if ext is None or not ext.should_compress(len(payload)):
+                sent = client.send_frame(frame)
+            elif isinstance(ext, PerMessageDeflate) and ext.params.shareable:
+                # No context takeover on our side: the same compressed bytes are valid for all such recipients.
+                bits = max(9, ext.params.server_max_window_bits)
+                shared = compressed.get(bits)
+                if shared is None:
+                    shared = compressed[bits] = encode_frame(
+                        opcode, compress_shared(payload, bits, self.deflate_settings.memory_level), rsv1=True
+                    )
+                sent = client.send_frame(shared)
+            else:
+                sent = client.send(message)  # its own compression context
             if sent:
                 count += 1
         self.messages_out += count

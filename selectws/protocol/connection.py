@@ -481,7 +481,8 @@ class Connection:
         if self._mask_source is None:
             self._out.append(bytes((first, n)) if n < 126 else encode_header(first, n))
             if n:
-                self._out.append(payload)
+                # A bytearray or memoryview may be reused by the caller before data_to_send(): keep a copy.
+                self._out.append(payload if type(payload) is bytes else bytes(payload))
             self._out_size += n + (2 if n < 126 else 4 if n < 65536 else 10)
         else:
             mask = self._mask_source()

@@ -46,6 +46,7 @@ __all__ = [
     "TimeoutsConfig",
     "load_config",
     "parse_config",
+    "split_host_port",
 ]
 
 
@@ -420,6 +421,13 @@ def parse_config(
     for name, cls in _SECTIONS.items():
         sections[name] = _build_section(name, cls, merged.get(name, {}), overridden)
 
+    ops = sections["ops"]
+    for name in ("healthz_path", "metrics_path"):
+        if not getattr(ops, name).startswith("/"):
+            raise ConfigError(f"ops.{name}", f"must start with '/', got {getattr(ops, name)!r}")
+    if ops.listen:
+        split_host_port("ops.listen", ops.listen)
+
     routes = _build_routes(data.get("routes"))
 
     if plugin_resolver is not None:
@@ -430,6 +438,18 @@ def parse_config(
                 raise ConfigError(f"routes[{i}].plugin", f"unknown plugin {route.plugin!r}: {exc}") from exc
 
     return Config(**sections, routes=routes, source=source)
+
+
+def split_host_port(key: str, value: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6addr]:port"`` -> ``(host, port)``, or :class:`ConfigError` naming ``key``."""
+    host, sep, raw_port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        sep = ""  # a bare IPv6 address: ambiguous without brackets
+    if not (sep and host and raw_port.isascii() and raw_port.isdigit() and int(raw_port) <= 65535):
+        raise ConfigError(key, f"expected 'host:port' (or '[ipv6]:port') with a port 0..65535, got {value!r}")
+    return host, int(raw_port)
 
 
 def _all_dotted_keys() -> list[str]:

@@ -60,6 +60,8 @@ class Extension(Protocol):
 
 
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+_TEXT_HEADERS = [bytes((0x81, n)) for n in range(126)]
+_BINARY_HEADERS = [bytes((0x82, n)) for n in range(126)]
 _ZEROS = [bytes(n) for n in range(15)]  # key filler over frame headers (2 to 14 bytes, less the overshoot)
 _OPEN = State.OPEN
 _CLOSING = State.CLOSING
@@ -80,10 +82,10 @@ class Connection:
         "_frag_size",
         "_mask_source",
         "_out",
-        "_out_size",
         "_partial_checked",
         "_partial_decoder",
         "_pending_fail",
+        "_plain",
         "close_code",
         "close_reason",
         "close_transport",
@@ -114,7 +116,8 @@ class Connection:
             self._mask_source = mask_source or _random_mask
         self._buf = bytearray()
         self._out: list[bytes | bytearray | memoryview] = []
-        self._out_size = 0
+        # Server role without compression: sends take the short path (no masking, no deflate).
+        self._plain = role is SERVER and extension is None
         self._frag_opcode = 0  # opcode of the fragmented message in progress, 0 when none
         self._frag_chunks: list[bytes] = []
         self._frag_size = 0
@@ -427,14 +430,27 @@ class Connection:
         """Queue a text message; False (nothing queued) once the connection is closing or closed."""
         if self.state is not _OPEN:
             return False
-        self._write_message(0x01, text.encode("utf-8"))
+        payload = text.encode("utf-8")
+        if self._plain:
+            n = len(payload)
+            self._out += (_TEXT_HEADERS[n] if n < 126 else encode_header(0x81, n)), payload
+        else:
+            self._write_message(0x01, payload)
         return True
 
     def send_binary(self, data: bytes | bytearray | memoryview) -> bool:
         """Queue a binary message; False (nothing queued) once the connection is closing or closed."""
         if self.state is not _OPEN:
             return False
-        self._write_message(0x02, data)
+        if self._plain:
+            n = len(data)
+            # A bytearray or memoryview may be reused by the caller before data_to_send(): keep a copy.
+            self._out += (
+                (_BINARY_HEADERS[n] if n < 126 else encode_header(0x82, n)),
+                data if type(data) is bytes else bytes(data),
+            )
+        else:
+            self._write_message(0x02, data)
         return True
 
     def send_message(self, data: str | bytes | bytearray | memoryview) -> bool:
@@ -455,7 +471,6 @@ class Connection:
         if self.state is not _OPEN or self.role is not SERVER:
             return False
         self._out.append(frame)
-        self._out_size += len(frame)
         return True
 
     def send_ping(self, payload: bytes = b"") -> bool:
@@ -501,7 +516,6 @@ class Connection:
             return b""
         data = out[0] if len(out) == 1 and isinstance(out[0], bytes) else b"".join(out)
         out.clear()
-        self._out_size = 0
         return data
 
     @property
@@ -510,9 +524,14 @@ class Connection:
         return self._deflate
 
     @property
+    def has_output(self) -> bool:
+        """Whether :meth:`data_to_send` has something (or a pending failure's close frame) to give."""
+        return bool(self._out) or self._pending_fail is not None
+
+    @property
     def pending_output(self) -> int:
-        """Bytes queued and not yet taken by :meth:`data_to_send`."""
-        return self._out_size + (self._pending_fail is not None)
+        """Bytes queued and not yet taken by :meth:`data_to_send` (computed: for metrics, not the hot path)."""
+        return sum(len(chunk) for chunk in self._out) + (self._pending_fail is not None)
 
     def _write_message(self, opcode: int, payload: bytes | bytearray | memoryview) -> None:
         deflate = self._deflate
@@ -528,12 +547,10 @@ class Connection:
             if n:
                 # A bytearray or memoryview may be reused by the caller before data_to_send(): keep a copy.
                 self._out.append(payload if type(payload) is bytes else bytes(payload))
-            self._out_size += n + (2 if n < 126 else 4 if n < 65536 else 10)
         else:
             mask = self._mask_source()
             frame = encode_header(first, n, 0x80) + mask + mask_payload(payload, mask)
             self._out.append(frame)
-            self._out_size += len(frame)
 
 
 def _random_mask() -> bytes:

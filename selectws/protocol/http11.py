@@ -29,6 +29,7 @@ REASONS = {
     101: "Switching Protocols",
     200: "OK",
     204: "No Content",
+    301: "Moved Permanently",
     304: "Not Modified",
     400: "Bad Request",
     401: "Unauthorized",

@@ -31,7 +31,7 @@ from selectws.protocol.http11 import Headers, Request, build_response, parse_req
 
 if TYPE_CHECKING:
     from selectws.server.loop import Timer
-    from selectws.server.routing import Route
+    from selectws.server.routing import Route, Router
     from selectws.server.server import Server
 
 __all__ = ["Client"]
@@ -70,14 +70,18 @@ class Client:
         "query",
         "remote",
         "route",
+        "router",
         "server",
         "sock",
         "subprotocol",
         "ws",
     )
 
-    def __init__(self, server: Server, sock: socket.socket, remote: tuple[str, int], client_id: int) -> None:
+    def __init__(
+        self, server: Server, sock: socket.socket, remote: tuple[str, int], client_id: int, router: Router | None = None
+    ) -> None:
         self.server = server
+        self.router = router  # None: the server's current router (the operator listener passes its own)
         self.sock: socket.socket | None = sock
         self.fd = sock.fileno()
         self.remote = remote
@@ -201,7 +205,7 @@ class Client:
             events = ws.receive_data(data)
             if events:
                 self._handle_events(events)
-            if ws.pending_output or ws.close_transport:
+            if ws.has_output or ws.close_transport:
                 self._mark_dirty()
         elif phase == HANDSHAKE:
             self._on_handshake_data(data)
@@ -256,9 +260,10 @@ class Client:
     def _handle_request(self, request: Request, rest: bytes) -> None:
         server = self.server
         self.path = request.path
-        matched = server.router.match(request.path)
+        router = server.router if self.router is None else self.router
+        matched = router.match(request.path)
         if matched is None:
-            handler = server.router.http_handler(request.path)
+            handler = router.http_handler(request.path)
             if handler is None:
                 raise HandshakeError(404, f"no route for {request.path}")
             if request.method not in ("GET", "HEAD"):
@@ -316,7 +321,13 @@ class Client:
     def _reject(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None) -> None:
         self.server.rejected[status] = self.server.rejected.get(status, 0) + 1
         body = f"{status} {reason}\n".encode()
-        self._respond(build_response(status, headers or [], body))
+        # A refusal ends the connection, so it must say "close" even when it carries a Connection header of its
+        # own (426 has "Connection: Upgrade", which would otherwise suppress build_response's "Connection: close").
+        headers = [
+            (k, f"{v}, close") if k.lower() == "connection" and "close" not in v.lower() else (k, v)
+            for k, v in headers or []
+        ]
+        self._respond(build_response(status, headers, body))
 
     def _respond(self, data: bytes) -> None:
         """An HTTP answer that ends the connection (no keep-alive: this port is for WebSocket first)."""

@@ -4,9 +4,9 @@ It is deliberately boring. Each registered file object carries a handler in ``Se
 ``handle_event(mask)`` is called when the selector reports it; timers are ``(deadline, seq, Timer)`` entries in a
 heap, cancelled lazily; signal handlers only write the signal number to a socketpair
 (:func:`signal.set_wakeup_fd`), and the loop runs the Python-level handler between iterations, so no code ever
-runs inside a signal handler and no system call is ever interrupted half-way. After the I/O callbacks of an
-iteration, ``end_of_iteration`` hooks run (the server flushes every connection that got output, one ``send`` per
-connection per iteration).
+runs inside a signal handler and no system call is ever interrupted half-way. After the I/O callbacks, signal
+handlers and timers of an iteration, ``end_of_iteration`` hooks run (the server flushes every connection that got
+output, one ``send`` per connection per iteration).
 """
 
 from __future__ import annotations
@@ -146,12 +146,14 @@ class EventLoop:
             start = self.now = time.monotonic()
             for key, mask in events:
                 key.data.handle_event(mask)
-            for hook in hooks:
-                hook()
             if self._pending_signals:
                 self._dispatch_signals()
             if timers and timers[0][0] <= start:
                 self._run_timers()
+            # Last, so output queued by signal handlers and timers (keepalive pings, the close frame of a failed
+            # keepalive or close timeout) goes out now, not whenever select() next wakes up.
+            for hook in hooks:
+                hook()
             lag = time.monotonic() - start
             if lag > self.max_lag:
                 self.max_lag = lag

@@ -8,6 +8,7 @@ broadcast walks its members once and hands each the same encoded frame.
 from __future__ import annotations
 
 import errno
+import os
 import resource
 import selectors
 import signal
@@ -17,7 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from selectws.brokers.memory import MemoryBroker
-from selectws.ops.config import Config
+from selectws.ops.config import Config, split_host_port
 from selectws.ops.logging import get_logger
 from selectws.ops.sdnotify import Notifier, watchdog_interval
 from selectws.plugins.api import Plugin, Session
@@ -30,6 +31,7 @@ from selectws.protocol.http11 import HttpLimits
 from selectws.server.client import OPEN, Client
 from selectws.server.loop import EventLoop
 from selectws.server.routing import Route, Router
+from selectws.server.static import static_handler
 
 __all__ = ["Listener", "Server", "raise_nofile_limit"]
 
@@ -52,9 +54,11 @@ def raise_nofile_limit() -> int:
 class Listener:
     """A listening socket in the loop; accepts in batches so a burst of connections costs few iterations."""
 
-    def __init__(self, server: Server, sock: socket.socket) -> None:
+    def __init__(self, server: Server, sock: socket.socket, router: Router | None = None) -> None:
         self.server = server
         self.sock = sock
+        #: None: the server's WebSocket router; the operator listener has one with only /healthz and /metrics.
+        self.router = router
         sock.setblocking(False)
 
     def handle_event(self, mask: int) -> None:
@@ -73,7 +77,7 @@ class Listener:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 raise
-            server.accept_client(conn, addr)
+            server.accept_client(conn, addr, self.router)
 
     @property
     def address(self) -> tuple[Any, ...]:
@@ -103,11 +107,17 @@ class Server:
         self.groups: dict[str, dict[int, Client]] = {}
         self.broker = MemoryBroker(self._deliver)
         self.listeners: list[Listener] = []
+        # [ops] listen: health and metrics on a listener of their own that stays open while draining.
+        self.ops_listeners: list[Listener] = []
+        self.ops_router = Router([])
+        self._ops_listen: str | None = None  # fixed by the first configuration: the listener is bound once
+        self._ops_paths: list[str] = []
         self._inherited = list(sockets) if sockets is not None else None
         self._next_id = 1
         self.draining = False
         self._stopped = False
         self._grace_timer: Any = None
+        self._status_sent = ""  # the last STATUS= sent to systemd
         self.started_at = time.time()
         # Counters: plain integers on the hot path, turned into metrics only when asked.
         self.accepted = 0
@@ -126,7 +136,16 @@ class Server:
 
     # ------------------------------------------------------------------ configuration
     def apply_config(self, config: Config) -> None:
-        """Build routes and limits from ``config`` (at start, and on reload)."""
+        """Build routes and limits from ``config`` (at start, and on reload).
+
+        The plugins are constructed first: if one raises, nothing of the running configuration has changed.
+        """
+        routes = []
+        for rc in config.routes:
+            plugin_cls = find_plugin(rc.plugin)
+            plugin: Plugin = plugin_cls(self, rc.options)
+            compression = config.compression.enabled if rc.compression is None else rc.compression
+            routes.append(Route(rc.path, plugin, rc.plugin, tuple(rc.subprotocols), compression))
         self.config = config
         limits = config.limits
         self.http_limits = HttpLimits(limits.max_request_line, limits.max_header_count, limits.max_header_bytes)
@@ -135,14 +154,11 @@ class Server:
         # A connection whose backlog passes this is not reading at all and is dropped (close 1013).
         self.hard_limit = limits.write_buffer_high * 4 + limits.max_message_size
         self.max_connections = limits.max_connections
-        routes = []
-        for rc in config.routes:
-            plugin_cls = find_plugin(rc.plugin)
-            plugin: Plugin = plugin_cls(self, rc.options)
-            compression = config.compression.enabled if rc.compression is None else rc.compression
-            routes.append(Route(rc.path, plugin, rc.plugin, tuple(rc.subprotocols), compression))
         previous = getattr(self, "router", None)
         self.router = Router(routes, previous.http if previous else None, previous.fallback if previous else None)
+        base = os.path.dirname(os.path.abspath(config.source)) if config.source else None
+        self.router.fallback = static_handler(config.static, base=base, warn=self.log.warning)
+        self._apply_ops(config)
         self.deflate_settings: Any = None
         if config.compression.enabled or any(r.compression for r in routes):
             from selectws.protocol.deflate import DeflateSettings
@@ -156,6 +172,25 @@ class Server:
                 memory_level=c.memory_level,
                 min_size=c.min_size,
             )
+
+    def _apply_ops(self, config: Config) -> None:
+        """(Re)register /healthz and /metrics: on the WebSocket router, or on the operator listener's."""
+        from selectws.ops.health import ops_handlers
+
+        handlers = ops_handlers(self, config.ops)
+        if self._ops_listen is None:
+            self._ops_listen = config.ops.listen
+        elif config.ops.listen != self._ops_listen:
+            self.log.warning("ops.listen changed; it takes effect on restart", running=self._ops_listen,
+                             configured=config.ops.listen)
+        for path in self._ops_paths:
+            self.router.http.pop(path, None)
+        if self._ops_listen:
+            self.ops_router.http = handlers
+            self._ops_paths = []
+        else:
+            self.router.http.update(handlers)
+            self._ops_paths = list(handlers)
 
     def negotiate_deflate(self, offers: list[str]) -> tuple[Any, str | None]:
         """permessage-deflate for one handshake: (extension object, response header) or (None, None)."""
@@ -172,8 +207,7 @@ class Server:
         return ext, header
 
     # ------------------------------------------------------------------ listening
-    def _bind(self) -> list[socket.socket]:
-        host, port = self.config.server.host, self.config.server.port
+    def _bind(self, host: str, port: int) -> list[socket.socket]:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         socks: list[socket.socket] = []
         seen = set()
@@ -203,20 +237,36 @@ class Server:
     def start(self) -> None:
         """Listen, install signal handlers, tell systemd we are ready."""
         raise_nofile_limit()
-        socks = self._inherited if self._inherited else self._bind()
+        socks = self._inherited if self._inherited else self._bind(self.config.server.host, self.config.server.port)
         for sock in socks:
             listener = Listener(self, sock)
             self.listeners.append(listener)
             self.loop.register(sock, selectors.EVENT_READ, listener)
+        if self._ops_listen:
+            try:
+                ops_socks = self._bind(*split_host_port("ops.listen", self._ops_listen))
+            except OSError as exc:
+                for listener in self.listeners:
+                    self.loop.unregister(listener.sock)
+                    listener.sock.close()
+                self.listeners = []
+                raise OSError(exc.errno, f"ops.listen = {self._ops_listen!r}: {exc.strerror or exc}") from exc
+            for sock in ops_socks:
+                listener = Listener(self, sock, self.ops_router)
+                self.ops_listeners.append(listener)
+                self.loop.register(sock, selectors.EVENT_READ, listener)
         self.loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
         self.loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         addresses = [_format_addr(listener.address) for listener in self.listeners]
+        ops_addresses = [_format_addr(listener.address) for listener in self.ops_listeners]
         self.log.info(
             "listening", addresses=addresses, routes=[f"{r.path} -> {r.plugin_name}" for r in self.router.routes],
-            inherited=bool(self._inherited), pid=_getpid(),
+            inherited=bool(self._inherited), pid=_getpid(), ops_addresses=ops_addresses,
+            ops_paths=sorted(self.ops_router.http if self.ops_listeners else self._ops_paths),
         )
-        self.notifier.ready(status=f"listening on {', '.join(addresses)}")
+        self._status_sent = self.status_text()
+        self.notifier.ready(status=f"listening on {', '.join(addresses)}; {self._status_sent}")
         interval = watchdog_interval()
         if interval:
             self._watchdog(interval)
@@ -231,17 +281,18 @@ class Server:
             self.close()
 
     def close(self) -> None:
-        for listener in self.listeners:
+        for listener in self.listeners + self.ops_listeners:
             self.loop.unregister(listener.sock)
             listener.sock.close()
         self.listeners = []
+        self.ops_listeners = []
         for client in list(self.clients.values()):
             client._close_socket()
         self.loop.close()
         self.notifier.close()
 
     # ------------------------------------------------------------------ connections
-    def accept_client(self, sock: socket.socket, addr: Any) -> None:
+    def accept_client(self, sock: socket.socket, addr: Any, router: Router | None = None) -> None:
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -250,7 +301,7 @@ class Server:
         client_id = self._next_id
         self._next_id += 1
         remote = (str(addr[0]), int(addr[1])) if isinstance(addr, tuple) else (str(addr), 0)
-        client = Client(self, sock, remote, client_id)
+        client = Client(self, sock, remote, client_id, router)
         self.clients[client_id] = client
         self.accepted += 1
         self.loop.register(sock, selectors.EVENT_READ, client)
@@ -392,20 +443,22 @@ class Server:
         self.notifier.reloading()
         try:
             config = reload()
+            self.apply_config(config)
         except Exception as exc:
-            self.log.error("reload failed; keeping the running configuration", error=str(exc))
-            self.notifier.ready()
+            self.log.error("reload failed; keeping the running configuration", error=str(exc),
+                           key=getattr(exc, "key", None))
+            self.notifier.ready(status=f"reload failed: {exc}; {self.status_text()}")
             return
-        self.apply_config(config)
-        self.log.info("configuration reloaded", source=config.source)
-        self.notifier.ready()
+        self.log.info("configuration reloaded", source=config.source,
+                      routes=[f"{r.path} -> {r.plugin_name}" for r in self.router.routes])
+        self.notifier.ready(status=f"configuration reloaded; {self.status_text()}")
 
     def shutdown(self, grace: float | None = None) -> None:
         """Graceful shutdown: stop accepting, close 1001 everywhere, flush, exit within the grace period."""
         if self.draining:
             return
         self.draining = True
-        self.notifier.stopping()
+        self.notifier.send("STOPPING=1", status=self.status_text())
         for listener in self.listeners:
             self.loop.unregister(listener.sock)
             listener.sock.close()
@@ -433,13 +486,28 @@ class Server:
         self.loop.stop()
 
     # ------------------------------------------------------------------ periodic
+    def status_text(self) -> str:
+        """The ``STATUS=`` systemd shows: connections open and accepted so far (and whether draining)."""
+        n = len(self.sessions)
+        text = f"{n} connection{'' if n == 1 else 's'} open, {self.accepted} accepted"
+        return f"draining: {text}" if self.draining else text
+
     def _watchdog(self, interval: float) -> None:
-        self.notifier.watchdog()
+        # The keep-alive also carries STATUS= when it changed: one datagram, and the status stays fresh.
+        status = self.status_text()
+        if status != self._status_sent:
+            self._status_sent = status
+            self.notifier.send("WATCHDOG=1", status=status)
+        else:
+            self.notifier.watchdog()
         self.loop.call_later(interval, lambda: self._watchdog(interval))
 
     def _status_tick(self) -> None:
         if self.notifier.enabled:
-            self.notifier.status(f"{len(self.sessions)} connections open, {self.accepted} accepted")
+            status = self.status_text()
+            if status != self._status_sent:
+                self._status_sent = status
+                self.notifier.status(status)
         self.loop.call_later(5.0, self._status_tick)
 
 

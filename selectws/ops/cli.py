@@ -1,4 +1,4 @@
-"""The ``selectws`` command line: ``serve``, ``check-config``.
+"""The ``selectws`` command line: ``serve``, ``check-config``, ``connect``.
 
 Precedence is flags > file > built-in defaults. A configuration error is one line naming the key, exit status 2,
 and nothing listens.
@@ -93,3 +93,57 @@ def check_config(config_path: str) -> None:
         return
     routes = ", ".join(f"{r.path} -> {r.plugin}" for r in config.routes)
     click.echo(f"{config_path}: OK (listen {config.server.host}:{config.server.port}; routes {routes})")
+
+
+def _headers_option(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:
+    from selectws.client.connect import parse_header
+
+    try:
+        return [parse_header(v) for v in values]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command()
+@click.argument("url")
+@click.option("-H", "--header", "headers", multiple=True, callback=_headers_option, metavar="'NAME: VALUE'",
+              help="Extra request header for the opening handshake (repeatable).")
+@click.option("--subprotocol", "subprotocols", multiple=True, metavar="NAME",
+              help="Offer this subprotocol (repeatable, in order of preference).")
+@click.option("--origin", help="Origin header to send.")
+@click.option("--ping-interval", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Ping the server this often; no pong before the next ping ends the connection.")
+@click.option("--compress/--no-compress", default=True, show_default=True,
+              help="Offer permessage-deflate (RFC 7692).")
+@click.option("--once", is_flag=True,
+              help="Send stdin's lines, then wait for one reply per line (at least one) and close with 1000. "
+                   "Exit 1 if they are not all there within --timeout.")
+@click.option("--keep-open", is_flag=True, help="Keep printing after stdin ends, until the server closes.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              metavar="SECONDS", help="Limit for connecting and the opening handshake, the closing handshake, "
+                                      "and the replies of --once.")
+@click.option("--binary", is_flag=True, help="Send each stdin line as a binary message, decoded per --binary-format.")
+@click.option("--binary-format", type=click.Choice(["hex", "base64"]), default="hex", show_default=True,
+              help="How binary messages are printed (and read with --binary).")
+@click.option("-k", "--insecure", is_flag=True, help="wss://: do not verify the server's certificate.")
+@click.option("--cafile", type=click.Path(exists=True, dir_okay=False),
+              help="wss://: trust the certificates in this PEM file (instead of the system's).")
+@click.option("--max-message-size", type=click.IntRange(min=1), default=16 << 20, show_default=True,
+              metavar="BYTES", help="Largest message accepted from the server.")
+def connect(url: str, headers: list[tuple[str, str]], subprotocols: tuple[str, ...], origin: str | None,
+            ping_interval: float | None, compress: bool, once: bool, keep_open: bool, timeout: float,
+            binary: bool, binary_format: str, insecure: bool, cafile: str | None, max_message_size: int) -> None:
+    """Connect to a WebSocket URL (ws:// or wss://): stdin lines go out as messages, messages come out on stdout.
+
+    \b
+      echo hi | selectws connect ws://127.0.0.1:8000/echo --once
+      selectws connect ws://127.0.0.1:8000/chat -H 'Authorization: Bearer x'
+    """
+    from selectws.client.connect import ConnectOptions, run
+
+    options = ConnectOptions(
+        url=url, headers=headers, subprotocols=subprotocols, origin=origin, ping_interval=ping_interval,
+        compress=compress, once=once, keep_open=keep_open, timeout=timeout, binary=binary,
+        binary_format=binary_format, insecure=insecure, cafile=cafile, max_message_size=max_message_size,
+    )
+    sys.exit(run(options))

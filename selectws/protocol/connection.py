@@ -84,6 +84,7 @@ class Connection:
         "_out",
         "_partial_checked",
         "_partial_decoder",
+        "_pending_close_reply",
         "_pending_fail",
         "_plain",
         "close_code",
@@ -127,7 +128,10 @@ class Connection:
         self._partial_checked = 0
         self._partial_decoder: codecs.IncrementalDecoder | None = None
         # A violation found after good frames in the same batch: failed once their answers are queued.
+        # What to do at the next data_to_send(), once the driver has acted on the frames before it in the same
+        # read: fail the connection (a violation), or answer the peer's close frame.
         self._pending_fail: tuple[int, str] | None = None
+        self._pending_close_reply: int | None = None
         self.close_code: int | None = None  # the code of the close frame we sent, once sent
         self.close_reason = ""
         self.close_transport = False  # the driver closes TCP once data_to_send() is drained
@@ -139,7 +143,7 @@ class Connection:
 
         ``data`` may be a view of the driver's reusable receive buffer: everything kept past this call is copied.
         """
-        if self.state is _CLOSED or self._pending_fail is not None:
+        if self.state is _CLOSED or self._pending_fail is not None or self._pending_close_reply is not None:
             return []
         buf: bytes | bytearray
         if self._buf:
@@ -162,6 +166,7 @@ class Connection:
         frag = self._frag_opcode
         frag_size = self._frag_size
         frag_text = self._frag_decoder is not None  # an uncompressed text message is in progress
+        frag_compressed = self._frag_compressed
         partial_at = -1  # offset of the mask of an incomplete text frame, for the fail-fast check
         error: ProtocolError | None = None
         try:
@@ -209,12 +214,18 @@ class Connection:
                         raise ProtocolError(
                             CloseCode.PROTOCOL_ERROR, "new data message before the fragmented one ended"
                         )
-                    if length > self.max_frame_size:
+                    # A compressed message is judged by its inflated size in decompress(); on the wire it may be a
+                    # little larger than that (incompressible data), so only the worst-case deflate overhead is
+                    # allowed on top here.
+                    slack = 0
+                    if (b0 & 0x40 if opcode else frag_compressed):
+                        slack = (self.max_message_size >> 3) + (self.max_message_size >> 6) + 64  # zlib's deflateBound
+                    if length > self.max_frame_size + slack:
                         raise ProtocolError(
                             CloseCode.MESSAGE_TOO_BIG,
                             f"frame of {length} bytes exceeds the limit of {self.max_frame_size}",
                         )
-                    if frag_size + length > self.max_message_size:
+                    if frag_size + length > self.max_message_size + slack:
                         raise ProtocolError(
                             CloseCode.MESSAGE_TOO_BIG,
                             f"message of {frag_size + length}+ bytes exceeds the limit of {self.max_message_size}",
@@ -242,6 +253,7 @@ class Connection:
                     if not b0 & 0x80:
                         frag, frag_size = opcode, length
                         frag_text = opcode == 0x01 and not b0 & 0x40
+                        frag_compressed = bool(b0 & 0x40)
                 elif b0 & 0x80:
                     frag, frag_size = 0, 0
                 else:
@@ -272,6 +284,12 @@ class Connection:
                                 CloseCode.INVALID_DATA, "invalid UTF-8 in a text message"
                             ) from None
                     elif b0 & 0x08:
+                        if b0 == 0x88 and events and self.state is _OPEN:
+                            # Messages came before the close in this read: their answers go out before our close.
+                            code, reason = parse_close_payload(payload)
+                            self._pending_close_reply = code
+                            append(Closed(code, reason, by_peer=True))
+                            break
                         if self._control_frame(b0 & 0x0F, payload, append):
                             break
                     else:
@@ -303,7 +321,7 @@ class Connection:
 
     def receive_eof(self) -> list[Event]:
         """The transport was closed by the peer. Without a completed close handshake that is a 1006."""
-        if self.state is _CLOSED or self._pending_fail is not None:
+        if self.state is _CLOSED or self._pending_fail is not None or self._pending_close_reply is not None:
             return []
         self.state = _CLOSED
         self.close_transport = True
@@ -511,6 +529,14 @@ class Connection:
             code, reason = self._pending_fail
             self._pending_fail = None
             self._fail(code, reason)
+        elif self._pending_close_reply is not None:
+            code = self._pending_close_reply
+            self._pending_close_reply = None
+            if self.state is _OPEN:
+                self._write_frame(0x88, encode_close_payload(None if code == CloseCode.NO_STATUS else code))
+                self.close_code = code
+            self.state = _CLOSED
+            self.close_transport = True
         out = self._out
         if not out:
             return b""
@@ -526,12 +552,13 @@ class Connection:
     @property
     def has_output(self) -> bool:
         """Whether :meth:`data_to_send` has something (or a pending failure's close frame) to give."""
-        return bool(self._out) or self._pending_fail is not None
+        return bool(self._out) or self._pending_fail is not None or self._pending_close_reply is not None
 
     @property
     def pending_output(self) -> int:
         """Bytes queued and not yet taken by :meth:`data_to_send` (computed: for metrics, not the hot path)."""
-        return sum(len(chunk) for chunk in self._out) + (self._pending_fail is not None)
+        pending = self._pending_fail is not None or self._pending_close_reply is not None
+        return sum(len(chunk) for chunk in self._out) + pending
 
     def _write_message(self, opcode: int, payload: bytes | bytearray | memoryview) -> None:
         deflate = self._deflate

@@ -437,10 +437,11 @@ class Server:
 
     def _on_reload_signal(self, signum: int) -> None:
         reload = getattr(self, "reload_callback", None)
+        self.notifier.reloading()  # always paired with READY=1: Type=notify-reload waits for both
         if reload is None:
             self.log.info("SIGHUP: no configuration file to reload")
+            self.notifier.ready(status=f"nothing to reload (no --config); {self.status_text()}")
             return
-        self.notifier.reloading()
         try:
             config = reload()
             self.apply_config(config)

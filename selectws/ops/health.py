@@ -1,0 +1,44 @@
+"""``/healthz`` and the table of operator endpoints (``[ops]`` in the configuration).
+
+The health check answers ``200 ok`` while the server accepts WebSocket connections and ``503 draining`` once a
+graceful shutdown has begun, so a load balancer stops sending new clients before the process goes away. Note that
+the WebSocket listeners close when draining starts: to see the 503, serve the operator endpoints on their own
+listener (``[ops] listen = "127.0.0.1:9100"``), which stays open until the process exits.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from selectws.ops.metrics import metrics_handler
+from selectws.protocol.http11 import Request
+
+if TYPE_CHECKING:
+    from selectws.ops.config import OpsConfig
+    from selectws.server.routing import HttpHandler, HttpResult
+    from selectws.server.server import Server
+
+__all__ = ["healthz_handler", "ops_handlers"]
+
+_HEADERS = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
+
+
+def healthz_handler(server: Server) -> HttpHandler:
+    """An HTTP handler: ``200 ok`` while serving, ``503 draining`` once ``server.draining``."""
+
+    def handle(request: Request) -> HttpResult:
+        if server.draining:
+            return 503, [*_HEADERS, ("Retry-After", "5")], b"draining\n"
+        return 200, list(_HEADERS), b"ok\n"
+
+    return handle
+
+
+def ops_handlers(server: Server, ops: OpsConfig) -> dict[str, HttpHandler]:
+    """The operator endpoints switched on in ``ops``, by URL path (for ``Router.http``)."""
+    handlers: dict[str, HttpHandler] = {}
+    if ops.healthz:
+        handlers[ops.healthz_path] = healthz_handler(server)
+    if ops.metrics:
+        handlers[ops.metrics_path] = metrics_handler(server)
+    return handlers

@@ -1,0 +1,148 @@
+"""``/metrics``: the server's counters in the Prometheus text exposition format, version 0.0.4.
+
+The hot path only ever increments plain integers on :class:`~selectws.server.server.Server` (``accepted``,
+``messages_in``, ``close_codes[code]``, ...). Nothing here runs until a scraper asks: :func:`render_metrics` then
+walks those attributes once and formats them. There is no client library: the format is a few lines of text per
+metric family::
+
+    # HELP selectws_messages_received_total WebSocket messages received (after reassembly).
+    # TYPE selectws_messages_received_total counter
+    selectws_messages_received_total 42
+
+Counters end in ``_total``; label values are escaped as the format requires (backslash, double quote, newline).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from selectws import __version__
+from selectws.protocol.http11 import Request
+
+if TYPE_CHECKING:
+    from selectws.server.routing import HttpHandler, HttpResult
+    from selectws.server.server import Server
+
+__all__ = ["CONTENT_TYPE", "MetricsWriter", "metrics_handler", "render_metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+Labels = tuple[tuple[str, str], ...]
+Sample = tuple[Labels, float]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+class MetricsWriter:
+    """Accumulates metric families and renders them as one exposition-format document."""
+
+    __slots__ = ("_lines",)
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> None:
+        """One family: HELP and TYPE lines, then a line per sample (``kind`` is ``counter`` or ``gauge``)."""
+        lines = self._lines
+        lines.append(f"# HELP {name} {_escape_help(help_text)}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            if labels:
+                rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+                lines.append(f"{name}{{{rendered}}} {_number(value)}")
+            else:
+                lines.append(f"{name} {_number(value)}")
+
+    def counter(self, name: str, help_text: str, value: float) -> None:
+        self.family(name, "counter", help_text, [((), value)])
+
+    def gauge(self, name: str, help_text: str, value: float) -> None:
+        self.family(name, "gauge", help_text, [((), value)])
+
+    def render(self) -> str:
+        return "\n".join(self._lines) + "\n"
+
+
+def render_metrics(server: Server) -> str:
+    """Every metric of ``server``, formatted now (this is the only place the counters are read)."""
+    w = MetricsWriter()
+    p = "selectws_"
+    w.family(f"{p}build_info", "gauge", "Version of the running selectws.", [((("version", __version__),), 1)])
+    w.counter(f"{p}connections_accepted_total", "TCP connections accepted (WebSocket and plain HTTP).",
+              server.accepted)
+    w.counter(f"{p}accept_errors_total", "accept() failures for lack of resources (file descriptors, memory).",
+              server.accept_errors)
+    w.family(f"{p}http_rejected_total", "counter", "Handshakes and HTTP requests answered with an error status.",
+             [((("status", str(status)),), n) for status, n in sorted(server.rejected.items())])
+    w.counter(f"{p}handshake_failures_total", "Opening handshakes refused or timed out.", server.handshake_failures)
+    w.counter(f"{p}messages_received_total", "WebSocket messages received (after reassembly).", server.messages_in)
+    w.counter(f"{p}messages_sent_total", "WebSocket messages queued for sending (a broadcast counts each recipient).",
+              server.messages_out)
+    w.counter(f"{p}plugin_errors_total", "Plugin callbacks that raised (the connection is closed with 1011).",
+              server.plugin_errors)
+    w.counter(f"{p}slow_consumers_dropped_total", "Connections dropped because they did not read what we sent.",
+              server.slow_consumers_dropped)
+    w.family(f"{p}connections_closed_total", "counter", "WebSocket connections closed, by close code.",
+             [((("code", str(code)),), n) for code, n in sorted(server.close_codes.items())])
+
+    live = list(server.clients.values())
+    w.counter(f"{p}received_bytes_total", "Bytes read from client sockets.",
+              server.closed_bytes_in + sum(c.bytes_in for c in live))
+    w.counter(f"{p}sent_bytes_total", "Bytes written to client sockets.",
+              server.closed_bytes_out + sum(c.bytes_out for c in live))
+
+    by_route: dict[str, int] = {route.path: 0 for route in server.router.routes}
+    for client in server.sessions.values():
+        route = client.route
+        if route is not None:
+            by_route[route.path] = by_route.get(route.path, 0) + 1
+    w.family(f"{p}connections_open", "gauge", "Open WebSocket connections, by route.",
+             [((("route", path),), n) for path, n in by_route.items()])
+    w.gauge(f"{p}sockets_open", "Client sockets open (WebSocket, in handshake or closing).", len(live))
+    w.gauge(f"{p}groups", "Broadcast groups with at least one member.", len(server.groups))
+    w.gauge(f"{p}write_buffer_bytes", "Bytes waiting in the write buffers of all connections.",
+            sum(len(c._wbuf) for c in live))
+    w.gauge(f"{p}draining", "1 while the server is shutting down, else 0.", 1 if server.draining else 0)
+
+    loop = server.loop
+    w.gauge(f"{p}loop_lag_max_seconds", "Longest time one event-loop iteration took since start.", loop.max_lag)
+    w.counter(f"{p}loop_iterations_total", "Event-loop iterations.", loop.iterations)
+
+    w.gauge(f"{p}process_start_time_seconds", "Start time of the server since the Unix epoch, in seconds.",
+            server.started_at)
+    w.gauge(f"{p}uptime_seconds", "Seconds since the server started.", max(0.0, time.time() - server.started_at))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    w.counter(f"{p}process_cpu_seconds_total", "User and system CPU time spent, in seconds.",
+              usage.ru_utime + usage.ru_stime)
+    w.gauge(f"{p}process_max_resident_memory_bytes", "Peak resident set size, in bytes.", usage.ru_maxrss * 1024)
+    return w.render()
+
+
+def metrics_handler(server: Server) -> HttpHandler:
+    """An HTTP handler (``Router.http``) answering with :func:`render_metrics`."""
+
+    def handle(request: Request) -> HttpResult:
+        body = render_metrics(server).encode("utf-8")
+        return 200, [("Content-Type", CONTENT_TYPE), ("Cache-Control", "no-store")], body
+
+    return handle

@@ -59,6 +59,9 @@ def _missing() -> str | None:
 
 
 _MISSING = _missing()
+if _MISSING is not None and os.environ.get("CI"):
+    # CI installs both (.ci/run): there a missing browser is a failure, never a silent skip.
+    raise RuntimeError(f"browser tests cannot run in CI: {_MISSING}")
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(_MISSING is not None, reason=f"browser tests need Chromium and Playwright: {_MISSING}"),

@@ -58,10 +58,18 @@ class Session(Protocol):
     id: int
     path: str
     params: dict[str, str]
-    query: dict[str, str]
-    headers: Headers
     remote: tuple[str, int]
     subprotocol: str | None
+
+    @property
+    def query(self) -> dict[str, str]:
+        """Query parameters of the upgrade request (first value of each name)."""
+        ...
+
+    @property
+    def headers(self) -> Headers:
+        """Header fields of the upgrade request."""
+        ...
 
     @property
     def state(self) -> dict[str, Any]:

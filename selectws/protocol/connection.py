@@ -60,6 +60,7 @@ class Extension(Protocol):
 
 
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+_NO_CHUNKS: list[bytes] = []  # shared placeholder, never appended to (a fragment start assigns a new list)
 _TEXT_HEADERS = [bytes((0x81, n)) for n in range(126)]
 _BINARY_HEADERS = [bytes((0x82, n)) for n in range(126)]
 _ZEROS = [bytes(n) for n in range(15)]  # key filler over frame headers (2 to 14 bytes, less the overshoot)
@@ -115,12 +116,12 @@ class Connection:
         self._mask_source: Callable[[], bytes] | None = None
         if role is CLIENT:
             self._mask_source = mask_source or _random_mask
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = b""  # a bytearray only while an incomplete frame waits
         self._out: list[bytes | bytearray | memoryview] = []
         # Server role without compression: sends take the short path (no masking, no deflate).
         self._plain = role is SERVER and extension is None
         self._frag_opcode = 0  # opcode of the fragmented message in progress, 0 when none
-        self._frag_chunks: list[bytes] = []
+        self._frag_chunks: list[bytes] = _NO_CHUNKS
         self._frag_size = 0
         self._frag_decoder: codecs.IncrementalDecoder | None = None
         self._frag_compressed = False
@@ -299,7 +300,7 @@ class Connection:
             if partial_at >= 0 and self.state is _OPEN:
                 self._check_partial_text(buf, partial_at, end)
         except ProtocolError as exc:
-            self._buf = bytearray()
+            self._buf = b""
             if events and self.state is _OPEN:
                 # Let the driver act on the frames that came before the violation first, so that (say) the echo
                 # of a valid message still precedes our close frame; data_to_send() then fails the connection.
@@ -309,14 +310,14 @@ class Connection:
                 append(self._fail(exc.code, exc.reason))
             return events
         if self.state is _CLOSED:
-            self._buf = bytearray()
+            self._buf = b""
         elif pos < end:
-            if buf is self._buf:
-                del self._buf[:pos]
+            if isinstance(buf, bytearray) and buf is self._buf:
+                del buf[:pos]
             else:
                 self._buf = bytearray(buf[pos:])
         elif buf is self._buf:
-            self._buf = bytearray()
+            self._buf = b""
         return events
 
     def receive_eof(self) -> list[Event]:
@@ -325,7 +326,7 @@ class Connection:
             return []
         self.state = _CLOSED
         self.close_transport = True
-        self._buf = bytearray()
+        self._buf = b""
         return [Closed(CloseCode.ABNORMAL, "connection closed without a close frame", by_peer=True)]
 
     def _check_partial_text(self, buf: bytes | bytearray | memoryview, i: int, end: int) -> None:
@@ -381,7 +382,7 @@ class Connection:
             opcode = self._frag_opcode
             compressed = self._frag_compressed
             self._frag_opcode = 0
-            self._frag_chunks = []
+            self._frag_chunks = _NO_CHUNKS
             self._frag_size = 0
             self._frag_decoder = None
             self._emit(opcode, whole, compressed, append)
@@ -438,7 +439,7 @@ class Connection:
             self.close_reason = reason
         self.state = _CLOSED
         self.close_transport = True
-        self._frag_chunks = []
+        self._frag_chunks = _NO_CHUNKS
         self._frag_decoder = None
         return Closed(code, reason, by_peer=False, error=reason)
 

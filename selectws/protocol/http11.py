@@ -104,6 +104,19 @@ class Headers:
     def __repr__(self) -> str:
         return f"Headers({self._items!r})"
 
+    @classmethod
+    def from_head(cls, head: bytes) -> Headers:
+        """Re-read the fields of a request head that :func:`parse_request` already validated.
+
+        Connections keep their request head as one ``bytes`` object and build :class:`Headers` only when a
+        plugin asks: twenty small strings per connection would be most of an idle connection's memory.
+        """
+        items = []
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            items.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
+        return cls(items)
+
 
 @dataclass(slots=True)
 class Request:
@@ -116,6 +129,7 @@ class Request:
     path: str = ""
     query_string: str = ""
     query: dict[str, str] = field(default_factory=dict)
+    head: bytes = b""  # the request head as received, without the final blank line
 
 
 @dataclass(slots=True)
@@ -200,11 +214,18 @@ def parse_request(buf: bytes | bytearray, limits: HttpLimits = HttpLimits()) -> 
         headers=Headers(items),
         path=unquote(raw_path),
         query_string=query_string,
-        query={},
+        query=parse_query(query_string),
+        head=head,
     )
-    for qkey, qvalue in parse_qsl(query_string, keep_blank_values=True):
-        request.query.setdefault(qkey, qvalue)
     return request, end + 4
+
+
+def parse_query(query_string: str) -> dict[str, str]:
+    """Query parameters, the first value of each name."""
+    query: dict[str, str] = {}
+    for qkey, qvalue in parse_qsl(query_string, keep_blank_values=True):
+        query.setdefault(qkey, qvalue)
+    return query
 
 
 def parse_response(buf: bytes | bytearray, max_bytes: int = 65536) -> tuple[Response, int] | None:

@@ -27,7 +27,7 @@ from selectws.protocol.connection import Connection, State
 from selectws.protocol.errors import CloseCode, HandshakeError
 from selectws.protocol.events import Closed, Message, Pong
 from selectws.protocol.handshake import build_accept_response, check_upgrade_request, choose_subprotocol
-from selectws.protocol.http11 import Headers, Request, build_response, parse_request
+from selectws.protocol.http11 import Headers, Request, build_response, parse_query, parse_request
 
 if TYPE_CHECKING:
     from selectws.server.loop import Timer
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["Client"]
 
 HANDSHAKE, OPEN, DRAINING, CLOSED = 0, 1, 2, 3
+_T_IDLE, _T_CLOSE, _T_LINGER = 0, 1, 2  # what the connection's one timer is for (handshake timeout: _T_IDLE)
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
 _LINGER = 2.0  # seconds to wait for the peer's FIN after ours
@@ -51,23 +52,22 @@ class Client:
         "_dirty",
         "_events",
         "_groups",
+        "_head",
         "_inbuf",
         "_paused",
         "_plugin_failed",
         "_state",
         "_timer",
+        "_timer_kind",
         "_wbuf",
         "bytes_in",
         "bytes_out",
-        "fd",
-        "headers",
         "id",
         "last_seen",
         "opened_at",
         "params",
         "path",
         "phase",
-        "query",
         "remote",
         "route",
         "router",
@@ -83,7 +83,6 @@ class Client:
         self.server = server
         self.router = router  # None: the server's current router (the operator listener passes its own)
         self.sock: socket.socket | None = sock
-        self.fd = sock.fileno()
         self.remote = remote
         self.id = client_id
         self.phase = HANDSHAKE
@@ -91,11 +90,10 @@ class Client:
         self.route: Route | None = None
         self.path = ""
         self.params: dict[str, str] = {}
-        self.query: dict[str, str] = {}
-        self.headers: Headers = _EMPTY_HEADERS
+        self._head = b""  # the upgrade request head; headers and query are read from it on demand
         self.subprotocol: str | None = None
-        self._inbuf = bytearray()
-        self._wbuf = bytearray()
+        self._inbuf: bytes | bytearray = b""
+        self._wbuf: bytes | bytearray = b""  # a bytearray only while something waits to be written
         self._events = _READ
         self._paused = False
         self._dirty = False
@@ -107,9 +105,21 @@ class Client:
         self.bytes_out = 0
         self.opened_at = server.loop.now
         self.last_seen = self.opened_at
-        self._timer: Timer | None = server.loop.call_later(server.config.timeouts.handshake, self._on_timer)
+        self._timer: Timer | None = None
+        self._timer_kind = _T_IDLE
+        self._set_timer(server.config.timeouts.handshake, _T_IDLE)
 
     # ================================================================== Session API (for plugins)
+    @property
+    def headers(self) -> Headers:
+        return Headers.from_head(self._head) if self._head else _EMPTY_HEADERS
+
+    @property
+    def query(self) -> dict[str, str]:
+        target = self._head[: self._head.find(b"\r\n")].split(b" ")[1] if self._head else b""
+        _, _, query_string = target.decode("ascii").partition("?")
+        return parse_query(query_string.partition("#")[0])
+
     @property
     def state(self) -> dict[str, Any]:
         if self._state is None:
@@ -222,8 +232,11 @@ class Client:
             self._abort(f"send failed: {exc}")
             return
         self.bytes_out += sent
-        del self._wbuf[:sent]  # O(1) from the front of a bytearray
-        if not self._wbuf:
+        wbuf = self._wbuf
+        assert isinstance(wbuf, bytearray)
+        del wbuf[:sent]  # O(1) from the front of a bytearray
+        if not wbuf:
+            self._wbuf = b""
             self._after_drain()
         elif self._paused and len(self._wbuf) <= self.server.low_water:
             self._paused = False
@@ -250,7 +263,7 @@ class Client:
             return
         request, used = parsed
         rest = bytes(self._inbuf[used:])
-        self._inbuf = bytearray()
+        self._inbuf = b""
         try:
             self._handle_request(request, rest)
         except HandshakeError as exc:
@@ -303,8 +316,7 @@ class Client:
         )
         self.route = route
         self.params = params
-        self.query = request.query
-        self.headers = request.headers
+        self._head = request.head
         self.subprotocol = subprotocol
         self.phase = OPEN
         self._write(build_accept_response(key, subprotocol, ext_header, decision.headers))
@@ -416,7 +428,7 @@ class Client:
             self.bytes_out += sent
             if sent == len(data):
                 return
-            self._wbuf += memoryview(data)[sent:]
+            self._wbuf = bytearray(memoryview(data)[sent:])
         self._check_backpressure()
 
     def _check_backpressure(self) -> None:
@@ -465,7 +477,7 @@ class Client:
             return
         if self.phase == OPEN and self.ws is not None and self.ws.state is not State.CLOSED:
             return
-        if self.phase == DRAINING and self._timer is not None and self._timer.callback == self._linger_expired:
+        if self.phase == DRAINING and self._timer is not None and self._timer_kind == _T_LINGER:
             return
         self.phase = DRAINING
         try:
@@ -473,23 +485,41 @@ class Client:
         except OSError:
             self._close_socket()
             return
-        self._set_timer(_LINGER, self._linger_expired)
+        self._set_timer(_LINGER, _T_LINGER)
         self._update_interest()
 
-    def _linger_expired(self) -> None:
-        self._close_socket()
-
     # ================================================================== timers
-    def _set_timer(self, delay: float, callback: Any) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.server.loop.call_later(delay, callback)
+    def _set_timer(self, delay: float, kind: int) -> None:
+        """One timer per connection, re-armed in place: a later deadline just moves ``when`` and the loop
+        re-queues the timer when the old deadline comes, so re-arming costs no allocation and leaves no
+        cancelled garbage in the heap. The client itself is the callback (``__call__``): no bound method kept."""
+        loop = self.server.loop
+        when = loop.now + delay
+        self._timer_kind = kind
+        timer = self._timer
+        if timer is not None and not timer.cancelled:
+            if timer.when <= when:
+                timer.when = when
+                return
+            timer.cancel()
+        self._timer = loop.call_at(when, self)
+
+    def __call__(self) -> None:
+        """The connection's timer fired."""
+        self._timer = None
+        kind = self._timer_kind
+        if kind == _T_IDLE:
+            self._on_timer()
+        elif kind == _T_CLOSE:
+            self._on_close_timeout()
+        else:
+            self._close_socket()  # linger over
 
     def _reset_idle_timer(self) -> None:
-        self._set_timer(self.server.config.timeouts.ping_interval, self._on_timer)
+        self._set_timer(self.server.config.timeouts.ping_interval, _T_IDLE)
 
     def _start_close_timer(self) -> None:
-        self._set_timer(self.server.config.timeouts.close, self._on_close_timeout)
+        self._set_timer(self.server.config.timeouts.close, _T_CLOSE)
 
     def _on_timer(self) -> None:
         """Handshake timeout, or idle keepalive: ping after ``ping_interval`` idle, fail if no answer in time."""
@@ -515,12 +545,12 @@ class Client:
                 return
         idle = now - self.last_seen
         if idle < timeouts.ping_interval:
-            self._set_timer(timeouts.ping_interval - idle, self._on_timer)
+            self._set_timer(timeouts.ping_interval - idle, _T_IDLE)
             return
         ws.send_ping(b"keepalive")
         self._awaiting_pong = now
         self._mark_dirty()
-        self._set_timer(timeouts.ping_timeout, self._on_timer)
+        self._set_timer(timeouts.ping_timeout, _T_IDLE)
 
     def _on_close_timeout(self) -> None:
         self._timer = None
@@ -560,7 +590,7 @@ class Client:
             sock.close()
         except OSError:
             pass
-        self._wbuf = bytearray()
+        self._wbuf = b""
         self.server.on_client_gone(self)
 
     def shutdown(self, code: int, reason: str) -> None:

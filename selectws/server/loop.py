@@ -103,6 +103,10 @@ class EventLoop:
         timers = self._timers
         while timers and timers[0][0] <= now:
             _, _, timer = heapq.heappop(timers)
+            if timer.when > now and not timer.cancelled:
+                # Re-armed in place for a later deadline (see Client._set_timer): queue it again.
+                heapq.heappush(timers, (timer.when, next(self._seq), timer))
+                continue
             if not timer.cancelled:
                 timer.cancelled = True
                 timer.callback()

@@ -11,6 +11,7 @@ from selectws.protocol.http11 import Request
 
 __all__ = ["HttpHandler", "HttpResult", "Route", "Router", "compile_path"]
 
+_NO_PARAMS: dict[str, str] = {}  # shared by every connection on a literal route; treat as read-only
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 #: An HTTP handler answers a request with (status, headers, body).
@@ -64,7 +65,7 @@ class Router:
     def match(self, path: str) -> tuple[Route, dict[str, str]] | None:
         route = self._exact.get(path)
         if route is not None:
-            return route, {}
+            return route, _NO_PARAMS
         for route in self._patterns:
             assert route.pattern is not None
             m = route.pattern.match(path)

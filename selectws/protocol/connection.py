@@ -60,6 +60,7 @@ class Extension(Protocol):
 
 
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+_BATCH_XOR_MAX = 32768  # reads up to this size are unmasked with one big-integer XOR
 _NO_CHUNKS: list[bytes] = []  # shared placeholder, never appended to (a fragment start assigns a new list)
 _TEXT_HEADERS = [bytes((0x81, n)) for n in range(126)]
 _BINARY_HEADERS = [bytes((0x82, n)) for n in range(126)]
@@ -236,10 +237,11 @@ class Connection:
                         if end - i > 4 and ((opcode == 0x01 and not b0 & 0x40) or (opcode == 0 and frag_text)):
                             partial_at = i
                         break
-                    keys.append(_ZEROS[i + 4 - pos - overshoot])
-                    words = (length + 3) >> 2
-                    keys.append(buf[i : i + 4] * words)
-                    overshoot = (words << 2) - length
+                    if i + 4 + length <= _BATCH_XOR_MAX:  # key material only for the one-XOR path
+                        keys.append(_ZEROS[i + 4 - pos - overshoot])
+                        words = (length + 3) >> 2
+                        keys.append(buf[i : i + 4] * words)
+                        overshoot = (words << 2) - length
                     frames.append((b0, i + 4, length))
                     pos = i + 4 + length
                 else:
@@ -267,14 +269,19 @@ class Connection:
                     if self._partial_checked:  # the frame checked piecemeal is complete now
                         self._partial_checked = 0
                         self._partial_decoder = None
-                    size = pos + overshoot
-                    clear = (
+                    per_frame = pos > _BATCH_XOR_MAX  # large frames: one by one, by translation
+                    clear = b"" if per_frame else (
                         int.from_bytes(buf[:pos], "little") ^ int.from_bytes(b"".join(keys), "little")
-                    ).to_bytes(size, "little")
+                    ).to_bytes(pos + overshoot, "little")
                 else:
+                    per_frame = False
                     clear = bytes(buf[:pos])
+                view = memoryview(buf) if per_frame else None
                 for b0, start, length in frames:
-                    payload = clear[start : start + length]
+                    if view is not None:
+                        payload = mask_payload(view[start : start + length], bytes(view[start - 4 : start]))
+                    else:
+                        payload = clear[start : start + length]
                     if b0 == 0x82:  # the common case first: a whole binary message
                         append(Message(payload))
                     elif b0 == 0x81:  # a whole uncompressed text message
@@ -295,6 +302,8 @@ class Connection:
                             break
                     else:
                         self._data_frame(b0, b0 & 0x0F, payload, append)
+                if view is not None:
+                    view.release()  # before the buffer is trimmed below
             if error is not None:
                 raise error
             if partial_at >= 0 and self.state is _OPEN:

@@ -51,7 +51,8 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_level
     except ConfigError as exc:
         _config_error(exc, config_path)
         return
-    configure_logging(config.logging.level, config.logging.format)
+    # Lines are flushed once per loop iteration by the server (see selectws.ops.logging.flush_logs).
+    configure_logging(config.logging.level, config.logging.format, flush_each=False)
     log = get_logger("selectws")
 
     from selectws.ops.activation import ActivationError, inherited_sockets
@@ -70,7 +71,7 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_level
 
     def reload() -> Config:
         new = _load(config_path, overrides)
-        configure_logging(new.logging.level, new.logging.format)
+        configure_logging(new.logging.level, new.logging.format, flush_each=False)
         return new
 
     if config_path:

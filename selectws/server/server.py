@@ -19,7 +19,7 @@ from typing import Any
 
 from selectws.brokers.memory import MemoryBroker
 from selectws.ops.config import Config, split_host_port
-from selectws.ops.logging import get_logger
+from selectws.ops.logging import flush_logs, get_logger
 from selectws.ops.sdnotify import Notifier, watchdog_interval
 from selectws.plugins.api import Plugin, Session
 from selectws.plugins.registry import find_plugin
@@ -97,7 +97,7 @@ class Server:
     ) -> None:
         self.config = config
         self.loop = EventLoop()
-        self.log = get_logger("selectws.server")
+        self.log = get_logger("selectws.server").bind()  # bound again by apply_config after a reload
         self.notifier = notifier or Notifier.from_env()
         self.recv_buffer = bytearray(_RECV_SIZE)
         self.recv_view = memoryview(self.recv_buffer)
@@ -133,6 +133,7 @@ class Server:
         self.closed_bytes_out = 0
         self.apply_config(config)
         self.loop.end_of_iteration.append(self._flush_dirty)
+        self.loop.end_of_iteration.append(flush_logs)
 
     # ------------------------------------------------------------------ configuration
     def apply_config(self, config: Config) -> None:
@@ -147,6 +148,7 @@ class Server:
             compression = config.compression.enabled if rc.compression is None else rc.compression
             routes.append(Route(rc.path, plugin, rc.plugin, tuple(rc.subprotocols), compression))
         self.config = config
+        self.log = get_logger("selectws.server").bind()  # picks up a reconfigured level or format
         limits = config.limits
         self.http_limits = HttpLimits(limits.max_request_line, limits.max_header_count, limits.max_header_bytes)
         self.high_water = limits.write_buffer_high
@@ -267,6 +269,7 @@ class Server:
         )
         self._status_sent = self.status_text()
         self.notifier.ready(status=f"listening on {', '.join(addresses)}; {self._status_sent}")
+        flush_logs()  # the "listening" line must not wait for the first loop iteration
         interval = watchdog_interval()
         if interval:
             self._watchdog(interval)
@@ -281,6 +284,7 @@ class Server:
             self.close()
 
     def close(self) -> None:
+        flush_logs()
         for listener in self.listeners + self.ops_listeners:
             self.loop.unregister(listener.sock)
             listener.sock.close()

@@ -18,6 +18,26 @@ Deliver = Callable[[str, "str | bytes", frozenset[int]], int]
 
 
 class Broker(Protocol):
+    kind: str
+    @property
+    def up(self) -> bool:
+        """Whether group messages currently reach the other instances (always true in memory)."""
+        ...
+
+    #: Group messages that reached local members only (the broker was down or its buffer full).
+    dropped: int
+    #: Reconnections after a lost connection.
+    reconnects: int
+
+    def start(self) -> None:
+        """The server is listening: connect (without blocking the loop)."""
+
+    def close(self) -> None:
+        """The server stopped: close connections, cancel timers."""
+
+    def status(self) -> str | None:
+        """A line for /healthz, or None when there is nothing to say."""
+
     def subscribe(self, group: str) -> None:
         """The first local member joined ``group``."""
 

@@ -42,10 +42,13 @@ def main() -> None:
 @click.option("--port", type=int, help="Port to listen on, 0 for any free port (overrides server.port).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 @click.option("--log-format", type=click.Choice(["auto", "console", "json"], case_sensitive=False))
+@click.option("--workers", type=int, help="Worker processes sharing the port (overrides server.workers; "
+                                          ">1 needs [broker] url).")
 def serve(config_path: str | None, host: str | None, port: int | None, log_level: str | None,
-          log_format: str | None) -> None:
+          log_format: str | None, workers: int | None) -> None:
     """Run the daemon (in the foreground; systemd or a terminal supervises it)."""
-    overrides = {"server.host": host, "server.port": port, "logging.level": log_level, "logging.format": log_format}
+    overrides = {"server.host": host, "server.port": port, "logging.level": log_level, "logging.format": log_format,
+                 "server.workers": workers}
     try:
         config = _load(config_path, overrides)
     except ConfigError as exc:
@@ -63,10 +66,23 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_level
     except ActivationError as exc:
         log.error("socket activation failed", error=str(exc))
         sys.exit(1)
+    if config.server.workers > 1:
+        from selectws.ops.workers import run_workers
+
+        def reload_workers() -> Config:
+            new = _load(config_path, overrides)
+            configure_logging(new.logging.level, new.logging.format, flush_each=False)
+            return new
+
+        try:
+            sys.exit(run_workers(config, inherited, reload_workers if config_path else None))
+        except OSError as exc:
+            log.error("cannot listen", host=config.server.host, port=config.server.port, error=str(exc))
+            sys.exit(1)
     try:
         server = Server(config, inherited or None)
-    except Exception as exc:  # plugin constructors run here
-        log.error("cannot start", error=str(exc))
+    except Exception as exc:  # plugin constructors run here, and the [tls] certificate is loaded
+        log.error("cannot start", error=str(exc), key=getattr(exc, "key", None))
         sys.exit(1)
 
     def reload() -> Config:
@@ -89,6 +105,12 @@ def check_config(config_path: str) -> None:
     """Validate a configuration file without serving (exit 0 when it is good, 2 when not)."""
     try:
         config = _load(config_path, {})
+        if config.tls.enabled:  # load the certificate and key as serve would
+            import os
+
+            from selectws.server.tls import build_context
+
+            build_context(config.tls, os.path.dirname(os.path.abspath(config_path)))
     except ConfigError as exc:
         _config_error(exc, config_path)
         return

@@ -21,6 +21,7 @@ The reference configuration with every key, its default and its range is ``confi
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_ROUTES",
+    "BrokerConfig",
     "CompressionConfig",
     "Config",
     "ConfigError",
@@ -44,8 +46,10 @@ __all__ = [
     "ServerConfig",
     "StaticConfig",
     "TimeoutsConfig",
+    "TlsConfig",
     "load_config",
     "parse_config",
+    "parse_redis_url",
     "split_host_port",
 ]
 
@@ -93,6 +97,10 @@ class _Rule:
 
     def check(self, key: str, value: Any) -> Any:
         """Return the normalised value, or raise :class:`ConfigError` naming ``key``."""
+        if self.kind is tuple:  # an array of strings
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(key, f"expected an array of strings, got {_type_name(value)}")
+            return tuple(value)
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise ConfigError(key, f"expected a boolean, got {_type_name(value)}")
@@ -201,6 +209,10 @@ class ServerConfig:
     """TCP port; 0 asks the kernel for an ephemeral port (useful in tests)."""
     backlog: int = _int(1024, 1)
     """``listen()`` backlog: how many not-yet-accepted connections the kernel may queue."""
+    workers: int = _int(1, 1, 256)
+    """Worker processes sharing the listening socket(s); more than 1 needs ``[broker] url``."""
+    trusted_proxies: tuple[str, ...] = field(default=(), metadata={_RULE: _Rule(tuple)})
+    """Addresses/CIDRs of reverse proxies whose ``Forwarded`` / ``X-Forwarded-For`` headers are believed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +233,16 @@ class LimitsConfig:
     """Per-connection outgoing buffer high-water mark; slow readers past it are dropped."""
     max_connections: int = _int(0, 0)
     """Concurrent connection cap; 0 means unlimited (bounded only by file descriptors)."""
+    max_connections_per_ip: int = _int(0, 0)
+    """Open WebSocket connections per client address (after ``trusted_proxies``); over it: 503. 0 = no cap."""
+    max_pending_handshakes: int = _int(1024, 1)
+    """Sockets still in the opening handshake; a connection accepted beyond this is answered 503 and closed."""
+    write_buffer_limit: int = _int(17 << 20, 1024)
+    """Hard cap of one connection's outgoing buffer (>= ``write_buffer_high``): past it, a slow consumer."""
+    slow_consumer_action: str = _choice("close", "close", "reset")
+    """``close``: send the close frame if the socket takes it, then drop; ``reset``: drop at once (TCP RST)."""
+    slow_consumer_close_code: int = _int(1013, 1008, 1013)
+    """Close code reported for a slow consumer: 1013 (try again later) or 1008 (policy violation)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +322,46 @@ class StaticConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS (``wss://``) on the WebSocket listeners, in the same loop. Both ``cert`` and ``key`` empty: plain TCP."""
+
+    cert: str = field(default="", metadata={_RULE: _Rule(str)})
+    """PEM certificate chain (relative to the configuration file); reloaded on SIGHUP."""
+    key: str = field(default="", metadata={_RULE: _Rule(str)})
+    """PEM private key (relative to the configuration file), unencrypted; reloaded on SIGHUP."""
+    ca: str = field(default="", metadata={_RULE: _Rule(str)})
+    """PEM CA bundle: when set, clients must present a certificate signed by one of these (mutual TLS)."""
+    ciphers: str = field(default="", metadata={_RULE: _Rule(str)})
+    """OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are not affected); empty keeps Python's defaults."""
+    min_version: str = _choice("1.2", "1.2", "1.3")
+    """Oldest TLS version accepted: ``"1.2"`` or ``"1.3"``."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert and self.key)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """Where group messages go beyond this process: "" = in memory, or a Redis server shared by instances."""
+
+    url: str = field(default="", metadata={_RULE: _Rule(str)})
+    """``""`` (in-memory, this process only), ``redis://host:port/db`` or ``rediss://`` (TLS)."""
+    password: str = field(default="", metadata={_RULE: _Rule(str)})
+    """Sent with ``AUTH`` on connect when non-empty (overrides a password in the URL)."""
+    channel_prefix: str = field(default="selectws:", metadata={_RULE: _Rule(str)})
+    """Redis channel of group ``g`` is ``<channel_prefix><g>``; instances sharing a prefix share groups."""
+    reconnect_min: float = _seconds(0.5)
+    """First delay before reconnecting after the connection to Redis is lost (doubles up to ``reconnect_max``)."""
+    reconnect_max: float = _seconds(30.0)
+    """Longest delay between reconnection attempts."""
+    connect_timeout: float = _seconds(5.0)
+    """A connection attempt (TCP, TLS, AUTH) that takes longer fails and is retried."""
+    max_buffer: int = _int(16 << 20, 1024)
+    """Bytes waiting to be written to Redis; a publish past this is dropped (and counted)."""
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     """One URL path served by one plugin."""
 
@@ -313,6 +375,11 @@ class RouteConfig:
     """Overrides the subprotocols the plugin offers; empty means "the plugin's own list"."""
     compression: bool | None = None
     """Per-route permessage-deflate switch; ``None`` follows ``[compression].enabled``."""
+    origins: tuple[str, ...] = ()
+    """Allowed ``Origin`` values (lower-case ``scheme://host[:port]``); a missing or other Origin gets 403.
+    Empty: any origin (and none) is accepted."""
+    subprotocol_required: bool | None = None
+    """Refuse (400) clients offering none of the route's subprotocols; ``None`` follows the plugin's attribute."""
 
 
 DEFAULT_ROUTES: Final[tuple[RouteConfig, ...]] = (
@@ -339,6 +406,8 @@ class Config:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
     static: StaticConfig = field(default_factory=StaticConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
     routes: tuple[RouteConfig, ...] = field(default_factory=_default_routes)
     source: str | None = None
     """Path of the file this came from (``None`` for defaults/in-memory data); used by reload."""
@@ -353,9 +422,13 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "compression": CompressionConfig,
     "ops": OpsConfig,
     "static": StaticConfig,
+    "tls": TlsConfig,
+    "broker": BrokerConfig,
 }
 _TOP_LEVEL: Final[tuple[str, ...]] = (*_SECTIONS, "routes")
-_ROUTE_KEYS: Final[tuple[str, ...]] = ("path", "plugin", "options", "subprotocols", "compression")
+_ROUTE_KEYS: Final[tuple[str, ...]] = (
+    "path", "plugin", "options", "subprotocols", "compression", "origins", "subprotocol_required",
+)
 
 
 def _field_names(cls: type[DataclassInstance]) -> tuple[str, ...]:
@@ -429,6 +502,45 @@ def parse_config(
     if ops.listen:
         split_host_port("ops.listen", ops.listen)
 
+    tls = sections["tls"]
+    if tls.cert and not tls.key:
+        raise ConfigError("tls.key", "tls.cert is set but tls.key is empty: both are needed for TLS")
+    if tls.key and not tls.cert:
+        raise ConfigError("tls.cert", "tls.key is set but tls.cert is empty: both are needed for TLS")
+    if (tls.ca or tls.ciphers) and not tls.enabled:
+        name = "tls.ca" if tls.ca else "tls.ciphers"
+        raise ConfigError(name, "has no effect without tls.cert and tls.key")
+
+    limits = sections["limits"]
+    if limits.write_buffer_limit < limits.write_buffer_high:
+        raise ConfigError(
+            "limits.write_buffer_limit",
+            f"must be >= limits.write_buffer_high ({limits.write_buffer_high}), got {limits.write_buffer_limit}",
+        )
+    if limits.slow_consumer_close_code not in (1008, 1013):
+        raise ConfigError(
+            "limits.slow_consumer_close_code", f"must be 1008 or 1013, got {limits.slow_consumer_close_code}"
+        )
+    for i, proxy in enumerate(sections["server"].trusted_proxies):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"server.trusted_proxies[{i}]", f"{proxy!r} is not an IP address or network (CIDR)"
+            ) from None
+
+    broker = sections["broker"]
+    if broker.url:
+        parse_redis_url("broker.url", broker.url)
+    if broker.reconnect_max < broker.reconnect_min:
+        raise ConfigError("broker.reconnect_max", f"must be >= broker.reconnect_min ({broker.reconnect_min})")
+    if sections["server"].workers > 1 and not broker.url:
+        raise ConfigError(
+            "server.workers",
+            f"{sections['server'].workers} workers need [broker] url (a Redis server): without a broker each "
+            "worker has its own groups and broadcasts would silently reach only part of the clients",
+        )
+
     routes = _build_routes(data.get("routes"))
 
     if plugin_resolver is not None:
@@ -439,6 +551,27 @@ def parse_config(
                 raise ConfigError(f"routes[{i}].plugin", f"unknown plugin {route.plugin!r}: {exc}") from exc
 
     return Config(**sections, routes=routes, source=source)
+
+
+def parse_redis_url(key: str, url: str) -> tuple[str, int, int, bool, str]:
+    """``redis://[:password@]host[:port][/db]`` (``rediss://`` = TLS) -> (host, port, db, tls, password)."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 6379
+    except ValueError as exc:
+        raise ConfigError(key, f"invalid URL {url!r}: {exc}") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError(key, f"expected a redis:// or rediss:// URL, got {url!r}")
+    if not parts.hostname:
+        raise ConfigError(key, f"no host in {url!r}")
+    db_text = parts.path.lstrip("/") or "0"
+    if not db_text.isdigit():
+        raise ConfigError(key, f"database must be a number in {url!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError(key, f"query strings and fragments are not supported in {url!r}")
+    return parts.hostname, port, int(db_text), parts.scheme == "rediss", unquote(parts.password or "")
 
 
 def split_host_port(key: str, value: str) -> tuple[str, int]:
@@ -527,6 +660,8 @@ _PARAM = re.compile(r"\{([^{}/]*)\}")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # ASCII-only on purpose: the router compiles parameters into regex group names.
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A serialised origin (RFC 6454): scheme "://" host [":" port], no path; compared lower-case.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#]+")
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -600,12 +735,33 @@ def _build_route(i: int, item: Any) -> RouteConfig:
     if compression is not None and not isinstance(compression, bool):
         raise ConfigError(f"{prefix}.compression", f"expected a boolean, got {_type_name(compression)}")
 
+    raw_origins = item.get("origins", [])
+    if not isinstance(raw_origins, list | tuple):
+        raise ConfigError(f"{prefix}.origins", f"expected an array of strings, got {_type_name(raw_origins)}")
+    origins: list[str] = []
+    for j, origin in enumerate(raw_origins):
+        key = f"{prefix}.origins[{j}]"
+        if not isinstance(origin, str):
+            raise ConfigError(key, f"expected a string, got {_type_name(origin)}")
+        normalised = origin.strip().lower().rstrip("/")
+        if normalised != "null" and not _ORIGIN.fullmatch(normalised):
+            raise ConfigError(key, f"{origin!r} is not an origin like 'https://example.com' or 'http://host:8080'")
+        origins.append(normalised)
+
+    proto_required = item.get("subprotocol_required")
+    if proto_required is not None and not isinstance(proto_required, bool):
+        raise ConfigError(
+            f"{prefix}.subprotocol_required", f"expected a boolean, got {_type_name(proto_required)}"
+        )
+
     return RouteConfig(
         path=path,
         plugin=plugin,
         options=_copy_options(options),
         subprotocols=tuple(subprotocols),
         compression=compression,
+        origins=tuple(origins),
+        subprotocol_required=proto_required,
     )
 
 

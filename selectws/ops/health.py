@@ -27,9 +27,14 @@ def healthz_handler(server: Server) -> HttpHandler:
     """An HTTP handler: ``200 ok`` while serving, ``503 draining`` once ``server.draining``."""
 
     def handle(request: Request) -> HttpResult:
+        # A broker that is down degrades (remote delivery) but does not stop serving: still 200, with a line saying so.
+        broker = server.broker.status()
+        extra = f"{broker}\n".encode() if broker else b""
         if server.draining:
-            return 503, [*_HEADERS, ("Retry-After", "5")], b"draining\n"
-        return 200, list(_HEADERS), b"ok\n"
+            return 503, [*_HEADERS, ("Retry-After", "5")], b"draining\n" + extra
+        if broker is None:
+            return 200, list(_HEADERS), b"ok\n"
+        return 200, [*_HEADERS, ("X-Broker", "up" if server.broker.up else "down")], b"ok\n" + extra
 
     return handle
 

@@ -123,6 +123,17 @@ def render_metrics(server: Server) -> str:
     w.gauge(f"{p}write_buffer_bytes", "Bytes waiting in the write buffers of all connections.",
             sum(len(c._wbuf) for c in live))
     w.gauge(f"{p}draining", "1 while the server is shutting down, else 0.", 1 if server.draining else 0)
+    broker = server.broker
+    w.family(f"{p}broker_up", "gauge", "1 while group messages reach the other instances (always 1 in memory).",
+             [((("broker", broker.kind),), 1 if broker.up else 0)])
+    w.counter(f"{p}broker_dropped_total", "Group messages delivered locally only: the broker was down or its "
+              "write buffer full (or the connection was lost before Redis confirmed them).", broker.dropped)
+    w.counter(f"{p}broker_reconnects_total", "Reconnections to the broker after a lost connection.",
+              broker.reconnects)
+    for attr, help_text in (("published", "Group messages published to the broker."),
+                            ("received", "Group messages received from other instances through the broker.")):
+        if hasattr(broker, attr):
+            w.counter(f"{p}broker_{attr}_total", help_text, getattr(broker, attr))
 
     loop = server.loop
     w.gauge(f"{p}loop_lag_max_seconds", "Longest time one event-loop iteration took since start.", loop.max_lag)

@@ -246,6 +246,8 @@ class Connection:
                     pos = i + 4 + length
                 else:
                     if end - i < length:
+                        if end > i and ((opcode == 0x01 and not b0 & 0x40) or (opcode == 0 and frag_text)):
+                            partial_at = i
                         break
                     frames.append((b0, i, length))
                     pos = i + length
@@ -265,10 +267,10 @@ class Connection:
             error = exc
         try:
             if frames:
+                if self._partial_checked:  # the frame checked piecemeal is complete now
+                    self._partial_checked = 0
+                    self._partial_decoder = None
                 if expect_mask:
-                    if self._partial_checked:  # the frame checked piecemeal is complete now
-                        self._partial_checked = 0
-                        self._partial_decoder = None
                     per_frame = pos > _BATCH_XOR_MAX  # large frames: one by one, by translation
                     clear = b"" if per_frame else (
                         int.from_bytes(buf[:pos], "little") ^ int.from_bytes(b"".join(keys), "little")
@@ -344,16 +346,20 @@ class Connection:
         Only the bytes not checked by an earlier call are decoded, on a copy of the message's decoder state, so a
         large frame arriving in many reads costs one extra pass, never a quadratic one.
         """
-        mask = bytes(buf[i : i + 4])
-        start = i + 4 + self._partial_checked
+        masked = bool(self._expect_mask)  # a client's frames carry a 4-byte mask, a server's do not
+        mask = bytes(buf[i : i + 4]) if masked else b""
+        start = i + (4 if masked else 0) + self._partial_checked
         if end <= start:
             return
         if self._partial_decoder is None:
             self._partial_decoder = _Utf8Decoder()
             if self._frag_decoder is not None:
                 self._partial_decoder.setstate(self._frag_decoder.getstate())
-        shift = self._partial_checked & 3
-        chunk = mask_payload(buf[start:end], mask[shift:] + mask[:shift])
+        if masked:
+            shift = self._partial_checked & 3
+            chunk = mask_payload(buf[start:end], mask[shift:] + mask[:shift])
+        else:
+            chunk = bytes(buf[start:end])
         self._partial_checked += len(chunk)
         try:
             self._partial_decoder.decode(chunk, False)

@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import selectors
 import socket
+import struct
 from typing import TYPE_CHECKING, Any
 
 from selectws.plugins.api import Accept, HandshakeRequest, Reject
 from selectws.protocol.connection import Connection, State
 from selectws.protocol.errors import CloseCode, HandshakeError
 from selectws.protocol.events import Closed, Message, Pong
+from selectws.protocol.frames import encode_frame
 from selectws.protocol.handshake import build_accept_response, check_upgrade_request, choose_subprotocol
 from selectws.protocol.http11 import Headers, Request, build_response, parse_query, parse_request
+from selectws.server.proxy import client_address
 
 if TYPE_CHECKING:
     from selectws.server.loop import Timer
@@ -41,6 +44,7 @@ _T_IDLE, _T_CLOSE, _T_LINGER = 0, 1, 2  # what the connection's one timer is for
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
 _LINGER = 2.0  # seconds to wait for the peer's FIN after ours
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets and frees the kernel's buffers
 _EMPTY_HEADERS = Headers()
 
 
@@ -76,6 +80,9 @@ class Client:
         "subprotocol",
         "ws",
     )
+
+    #: What a non-blocking recv/send raises for "not now" (TlsClient adds TLS's want-read / want-write).
+    _would_block: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
 
     def __init__(
         self, server: Server, sock: socket.socket, remote: tuple[str, int], client_id: int, router: Router | None = None
@@ -197,7 +204,7 @@ class Client:
         server = self.server
         try:
             n = sock.recv_into(server.recv_buffer)
-        except (BlockingIOError, InterruptedError):
+        except self._would_block:  # evaluated only when something was raised: free on the normal path
             return
         except OSError as exc:
             self._abort(f"recv failed: {exc}")
@@ -226,7 +233,7 @@ class Client:
         assert sock is not None
         try:
             sent = sock.send(self._wbuf)
-        except (BlockingIOError, InterruptedError):
+        except self._would_block:
             return
         except OSError as exc:
             self._abort(f"send failed: {exc}")
@@ -273,6 +280,8 @@ class Client:
     def _handle_request(self, request: Request, rest: bytes) -> None:
         server = self.server
         self.path = request.path
+        if server.trusted_proxies:  # behind a reverse proxy we trust: the client's address from its headers
+            self.remote = client_address(self.remote, request.headers, server.trusted_proxies)
         router = server.router if self.router is None else self.router
         matched = router.match(request.path)
         if matched is None:
@@ -286,6 +295,13 @@ class Client:
             return
         route, params = matched
         key = check_upgrade_request(request)
+        if route.origins:
+            origin = (request.headers.get("Origin") or "").strip().lower().rstrip("/")
+            if origin not in route.origins:
+                raise HandshakeError(403, f"origin {origin[:200]!r} not allowed" if origin else "Origin required")
+        per_ip = server.max_connections_per_ip
+        if per_ip and server.connections_from(self.remote[0]) >= per_ip:
+            raise HandshakeError(503, f"too many connections from {self.remote[0]}", [("Retry-After", "5")])
         if server.max_connections and server.open_count >= server.max_connections:
             raise HandshakeError(503, "server is at its connection limit", [("Retry-After", "5")])
         if server.draining:
@@ -302,7 +318,10 @@ class Client:
         decision = decision or Accept()
         supported = route.subprotocols or tuple(route.plugin.subprotocols)
         subprotocol = decision.subprotocol or choose_subprotocol(request, supported)
-        if subprotocol is None and supported and route.plugin.subprotocol_required:
+        required = route.subprotocol_required
+        if required is None:
+            required = route.plugin.subprotocol_required
+        if subprotocol is None and supported and required:
             raise HandshakeError(400, f"a subprotocol is required: one of {', '.join(supported)}")
         extension = None
         ext_header = None
@@ -344,6 +363,7 @@ class Client:
     def _respond(self, data: bytes) -> None:
         """An HTTP answer that ends the connection (no keep-alive: this port is for WebSocket first)."""
         self.phase = DRAINING
+        self.server.handshaking.pop(self.id, None)
         self._write(data)
         if not self._wbuf:
             self._after_drain()
@@ -416,11 +436,14 @@ class Client:
         if sock is None:
             return
         if self._wbuf:
+            if len(self._wbuf) + len(data) > self.server.hard_limit:  # never queue past the hard cap
+                self._drop_slow_consumer(len(self._wbuf) + len(data))
+                return
             self._wbuf += data
         else:
             try:
                 sent = sock.send(data)
-            except (BlockingIOError, InterruptedError):
+            except self._would_block:
                 sent = 0
             except OSError as exc:
                 self._abort(f"send failed: {exc}")
@@ -435,17 +458,45 @@ class Client:
         size = len(self._wbuf)
         server = self.server
         if size > server.hard_limit:
-            # The peer does not read at all: holding more would let one client grow our memory without bound.
-            server.log.warning(
-                "dropping a connection that does not read", conn=self.id, peer=self.remote[0], path=self.path,
-                buffered=size,
-            )
-            server.slow_consumers_dropped += 1
-            self._abort("write buffer over its hard limit", code=CloseCode.TRY_AGAIN_LATER)
+            self._drop_slow_consumer(size)
             return
         if size > server.high_water and not self._paused:
             self._paused = True  # stop reading what this peer sends until it reads what we send
         self._update_interest()
+
+    def _drop_slow_consumer(self, size: int) -> None:
+        """The peer does not read what it is sent: holding more would let one client grow our memory without
+        bound (and a broadcast wait for it). Nothing more is queued. With ``slow_consumer_action = "close"`` one
+        non-blocking attempt sends what is queued plus a close frame; unless all of it went out the socket is
+        reset (SO_LINGER 0), which also frees what the kernel still holds for it."""
+        server = self.server
+        code = server.slow_consumer_close_code
+        server.log.warning(
+            "dropping a slow consumer", conn=self.id, peer=self.remote[0], path=self.path, buffered=size,
+            limit=server.hard_limit, code=code, action=server.slow_consumer_action,
+        )
+        server.slow_consumers_dropped += 1
+        sock = self.sock
+        delivered = False
+        ws = self.ws
+        if sock is not None and server.slow_consumer_action == "close" and ws is not None and ws.state is State.OPEN:
+            frame = encode_frame(0x8, code.to_bytes(2, "big") + b"slow consumer")
+            try:
+                pending = self._wbuf
+                sent = sock.send(pending) if pending else 0
+                self.bytes_out += sent
+                if sent == len(pending):
+                    sent = sock.send(frame)
+                    self.bytes_out += sent
+                    delivered = sent == len(frame)
+            except OSError:
+                pass
+        if sock is not None and not delivered:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+        self._abort("slow consumer: write buffer over its hard limit", code=code)
 
     def _after_drain(self) -> None:
         """The write buffer just emptied."""

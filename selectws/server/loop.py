@@ -163,6 +163,25 @@ class EventLoop:
                 self.max_lag = lag
             self.iterations += 1
 
+    def forget_after_fork(self) -> None:
+        """In a forked child: drop this (the parent's) loop without touching what the parent still uses.
+
+        Signals go back to their default action, the wakeup fd is detached, and our copies of the selector
+        and wakeup descriptors are closed (an epoll instance is shared with the parent: never unregister).
+        """
+        for signum in list(self._signal_handlers):
+            signal.signal(signum, signal.SIG_DFL)
+        self._signal_handlers.clear()
+        self._pending_signals.clear()
+        signal.set_wakeup_fd(-1)
+        if self._wakeup is not None:
+            self._wakeup.rsock.close()
+            self._wakeup.wsock.close()
+            self._wakeup = None
+        self.selector.close()
+        self._timers.clear()
+        self.end_of_iteration.clear()
+
     def close(self) -> None:
         for signum in list(self._signal_handlers):
             signal.signal(signum, signal.SIG_DFL)

@@ -39,6 +39,10 @@ class Route:
     plugin_name: str
     subprotocols: tuple[str, ...] = ()
     compression: bool = True
+    #: Allowed ``Origin`` values, lower-case; empty: any origin (and none) is accepted.
+    origins: frozenset[str] = frozenset()
+    #: Refuse clients offering none of the subprotocols (400); ``None``: the plugin's ``subprotocol_required``.
+    subprotocol_required: bool | None = None
     pattern: re.Pattern[str] | None = field(default=None)
 
     def __post_init__(self) -> None:

@@ -13,10 +13,12 @@ import resource
 import selectors
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Iterable
 from typing import Any
 
+from selectws.brokers.base import Broker
 from selectws.brokers.memory import MemoryBroker
 from selectws.ops.config import Config, split_host_port
 from selectws.ops.logging import flush_logs, get_logger
@@ -30,12 +32,18 @@ from selectws.protocol.frames import encode_frame
 from selectws.protocol.http11 import HttpLimits
 from selectws.server.client import OPEN, Client
 from selectws.server.loop import EventLoop
+from selectws.server.proxy import parse_networks
 from selectws.server.routing import Route, Router
 from selectws.server.static import static_handler
+from selectws.server.tls import TlsClient, build_context
 
 __all__ = ["Listener", "Server", "raise_nofile_limit"]
 
 _RECV_SIZE = 256 * 1024
+_PENDING_503 = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 40\r\n"
+    b"Retry-After: 5\r\nConnection: close\r\n\r\n503 too many pending handshakes, retry\n\n"
+)
 _ACCEPT_BATCH = 128
 
 
@@ -94,6 +102,7 @@ class Server:
         sockets: Iterable[socket.socket] | None = None,
         *,
         notifier: Notifier | None = None,
+        ops_sockets: Iterable[socket.socket] | None = None,
     ) -> None:
         self.config = config
         self.loop = EventLoop()
@@ -105,7 +114,12 @@ class Server:
         self.clients: dict[int, Client] = {}  # every accepted socket, by id
         self.sessions: dict[int, Client] = {}  # open WebSocket connections, by id
         self.groups: dict[str, dict[int, Client]] = {}
-        self.broker = MemoryBroker(self._deliver)
+        self.broker: Broker = MemoryBroker(self._deliver)
+        if config.broker.url:  # [broker] takes effect on restart: built once, here
+            from selectws.brokers.redis import RedisBroker
+
+            self.broker = RedisBroker(self.loop, self._deliver, config.broker, self.log)
+        self._ops_inherited = list(ops_sockets) if ops_sockets is not None else None  # bound by a supervisor
         self.listeners: list[Listener] = []
         # [ops] listen: health and metrics on a listener of their own that stays open while draining.
         self.ops_listeners: list[Listener] = []
@@ -113,6 +127,10 @@ class Server:
         self._ops_listen: str | None = None  # fixed by the first configuration: the listener is bound once
         self._ops_paths: list[str] = []
         self._inherited = list(sockets) if sockets is not None else None
+        # [tls]: the context new connections on the WebSocket listeners are wrapped with (None: plain TCP). Whether
+        # TLS is on is fixed by the first configuration; a reload replaces the context (a new certificate).
+        self.tls_context: ssl.SSLContext | None = None
+        self._tls_on: bool | None = None
         self._next_id = 1
         self.draining = False
         self._stopped = False
@@ -128,6 +146,14 @@ class Server:
         self.messages_out = 0
         self.plugin_errors = 0
         self.slow_consumers_dropped = 0
+        # Hardening: sockets still in the opening handshake, open WebSockets per client address (the address
+        # after trusted_proxies), and the rate limit of the "too many pending handshakes" warning.
+        self.handshaking: dict[int, Client] = {}
+        self.per_ip: dict[str, int] = {}
+        self._ip_of: dict[int, str] = {}  # client id -> the address it is counted under in per_ip
+        self.pending_refused = 0
+        self._pending_refused_unlogged = 0
+        self._pending_warned_at = float("-inf")
         self.close_codes: dict[int, int] = {}
         self.closed_bytes_in = 0
         self.closed_bytes_out = 0
@@ -141,21 +167,33 @@ class Server:
 
         The plugins are constructed first: if one raises, nothing of the running configuration has changed.
         """
+        tls_context = self._tls_for(config)  # first: a certificate that fails to load changes nothing
         routes = []
         for rc in config.routes:
             plugin_cls = find_plugin(rc.plugin)
             plugin: Plugin = plugin_cls(self, rc.options)
             compression = config.compression.enabled if rc.compression is None else rc.compression
-            routes.append(Route(rc.path, plugin, rc.plugin, tuple(rc.subprotocols), compression))
+            routes.append(Route(rc.path, plugin, rc.plugin, tuple(rc.subprotocols), compression,
+                                frozenset(rc.origins), rc.subprotocol_required))
         self.config = config
         self.log = get_logger("selectws.server").bind()  # picks up a reconfigured level or format
+        if tls_context is not self.tls_context and tls_context is not None:
+            self.log.info("tls certificate loaded", cert=config.tls.cert, key=config.tls.key,
+                          min_version=config.tls.min_version, client_certs=bool(config.tls.ca))
+        self.tls_context = tls_context
         limits = config.limits
         self.http_limits = HttpLimits(limits.max_request_line, limits.max_header_count, limits.max_header_bytes)
         self.high_water = limits.write_buffer_high
         self.low_water = limits.write_buffer_high // 4
         # A connection whose backlog passes this is not reading at all and is dropped (close 1013).
-        self.hard_limit = limits.write_buffer_high * 4 + limits.max_message_size
+        # Output that would take a connection's backlog past this is not queued: the peer is a slow consumer.
+        self.hard_limit = limits.write_buffer_limit
+        self.slow_consumer_action = limits.slow_consumer_action
+        self.slow_consumer_close_code = limits.slow_consumer_close_code
         self.max_connections = limits.max_connections
+        self.max_connections_per_ip = limits.max_connections_per_ip
+        self.max_pending_handshakes = limits.max_pending_handshakes
+        self.trusted_proxies = parse_networks(config.server.trusted_proxies)
         previous = getattr(self, "router", None)
         self.router = Router(routes, previous.http if previous else None, previous.fallback if previous else None)
         base = os.path.dirname(os.path.abspath(config.source)) if config.source else None
@@ -174,6 +212,18 @@ class Server:
                 memory_level=c.memory_level,
                 min_size=c.min_size,
             )
+
+    def _tls_for(self, config: Config) -> ssl.SSLContext | None:
+        """The TLS context ``config`` asks for; :class:`ConfigError` (naming the key) if its files do not load."""
+        if self._tls_on is None:
+            self._tls_on = config.tls.enabled
+        elif config.tls.enabled != self._tls_on:
+            self.log.warning("tls turned on or off; it takes effect on restart", running=self._tls_on,
+                             configured=config.tls.enabled)
+        if not self._tls_on or not config.tls.enabled:
+            return self.tls_context
+        base = os.path.dirname(os.path.abspath(config.source)) if config.source else None
+        return build_context(config.tls, base)
 
     def _apply_ops(self, config: Config) -> None:
         """(Re)register /healthz and /metrics: on the WebSocket router, or on the operator listener's."""
@@ -246,7 +296,7 @@ class Server:
             self.loop.register(sock, selectors.EVENT_READ, listener)
         if self._ops_listen:
             try:
-                ops_socks = self._bind(*split_host_port("ops.listen", self._ops_listen))
+                ops_socks = self._ops_inherited or self._bind(*split_host_port("ops.listen", self._ops_listen))
             except OSError as exc:
                 for listener in self.listeners:
                     self.loop.unregister(listener.sock)
@@ -264,9 +314,11 @@ class Server:
         ops_addresses = [_format_addr(listener.address) for listener in self.ops_listeners]
         self.log.info(
             "listening", addresses=addresses, routes=[f"{r.path} -> {r.plugin_name}" for r in self.router.routes],
-            inherited=bool(self._inherited), pid=_getpid(), ops_addresses=ops_addresses,
+            inherited=bool(self._inherited), tls=self.tls_context is not None, pid=_getpid(),
+            ops_addresses=ops_addresses,
             ops_paths=sorted(self.ops_router.http if self.ops_listeners else self._ops_paths),
         )
+        self.broker.start()
         self._status_sent = self.status_text()
         self.notifier.ready(status=f"listening on {', '.join(addresses)}; {self._status_sent}")
         flush_logs()  # the "listening" line must not wait for the first loop iteration
@@ -292,11 +344,15 @@ class Server:
         self.ops_listeners = []
         for client in list(self.clients.values()):
             client._close_socket()
+        self.broker.close()
         self.loop.close()
         self.notifier.close()
 
     # ------------------------------------------------------------------ connections
     def accept_client(self, sock: socket.socket, addr: Any, router: Router | None = None) -> None:
+        if router is None and len(self.handshaking) >= self.max_pending_handshakes:
+            self._refuse_pending(sock, addr)
+            return
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -305,13 +361,70 @@ class Server:
         client_id = self._next_id
         self._next_id += 1
         remote = (str(addr[0]), int(addr[1])) if isinstance(addr, tuple) else (str(addr), 0)
-        client = Client(self, sock, remote, client_id, router)
+        tls = self.tls_context if router is None else None  # the operator listener stays plain HTTP
+        if tls is None:
+            client = Client(self, sock, remote, client_id, router)
+        else:
+            try:
+                client = TlsClient(self, sock, remote, client_id, tls)
+            except OSError as exc:  # the peer is already gone
+                self.log.info("connection lost before TLS", peer=remote[0], error=str(exc))
+                sock.close()
+                return
         self.clients[client_id] = client
+        if router is None:  # the operator listener's health checks are never refused for a handshake flood
+            self.handshaking[client_id] = client
         self.accepted += 1
-        self.loop.register(sock, selectors.EVENT_READ, client)
+        self.loop.register(client.sock, selectors.EVENT_READ, client)  # the SSLSocket for TLS
+
+    def _refuse_pending(self, sock: socket.socket, addr: Any) -> None:
+        """Too many sockets in the opening handshake: answer 503 at once (best effort, never blocking) and close.
+
+        Logged at most once per burst (every 10 s while it lasts, with the count refused since the last line).
+        """
+        self.accepted += 1
+        self.pending_refused += 1
+        self.rejected[503] = self.rejected.get(503, 0) + 1
+        if self.tls_context is None:
+            try:
+                sock.setblocking(False)
+                sock.send(_PENDING_503)
+            except OSError:
+                pass
+        try:
+            sock.close()
+        except OSError:
+            pass
+        self._pending_refused_unlogged += 1
+        now = self.loop.now
+        if now - self._pending_warned_at >= 10.0:
+            self._pending_warned_at = now
+            self.log.warning(
+                "too many pending handshakes; refusing new connections", pending=len(self.handshaking),
+                limit=self.max_pending_handshakes, refused=self._pending_refused_unlogged,
+                peer=str(addr[0]) if isinstance(addr, tuple) else str(addr),
+            )
+            self._pending_refused_unlogged = 0
+
+    def connections_from(self, ip: str) -> int:
+        """Open WebSocket connections counted under client address ``ip``."""
+        return self.per_ip.get(ip, 0)
+
+    def _uncount_ip(self, client: Client) -> None:
+        ip = self._ip_of.pop(client.id, None)
+        if ip is not None:
+            left = self.per_ip[ip] - 1
+            if left:
+                self.per_ip[ip] = left
+            else:
+                del self.per_ip[ip]
 
     def on_client_open(self, client: Client) -> None:
         self.sessions[client.id] = client
+        self.handshaking.pop(client.id, None)
+        ip = client.remote[0]
+        self._ip_of[client.id] = ip
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         self.log.info(
             "open", conn=client.id, peer=client.remote[0], port=client.remote[1], path=client.path,
             subprotocol=client.subprotocol,
@@ -321,6 +434,7 @@ class Server:
         """The WebSocket of ``client`` ended (its socket may still be draining)."""
         if self.sessions.pop(client.id, None) is None:
             return
+        self._uncount_ip(client)
         for group in list(client._groups or ()):
             self.leave(client, group)
         self.close_codes[event.code] = self.close_codes.get(event.code, 0) + 1
@@ -332,6 +446,8 @@ class Server:
 
     def on_client_gone(self, client: Client) -> None:
         """The socket of ``client`` is closed."""
+        self.handshaking.pop(client.id, None)
+        self._uncount_ip(client)  # normally done by on_client_closed already; never leaks either way
         if self.clients.pop(client.id, None) is not None:
             self.closed_bytes_in += client.bytes_in
             self.closed_bytes_out += client.bytes_out

@@ -1,0 +1,481 @@
+"""The Redis broker: groups shared by every instance (process, machine) connected to one Redis server.
+
+Two more non-blocking sockets in the server's own selectors loop, no thread and no blocking client:
+
+* a **publish** connection: each group message is sent once, ``PUBLISH <prefix><group> <payload>``;
+* a **subscribe** connection: ``SUBSCRIBE <prefix><group>`` when the first local member joins a group,
+  ``UNSUBSCRIBE`` when the last one leaves; every ``message`` push from another instance is delivered locally.
+
+Two RESP2 connections rather than one RESP3 connection: a RESP2 connection in subscribed mode may only
+(P|S)(UN)SUBSCRIBE, PING and QUIT, so it cannot PUBLISH; RESP3 lifts that (``HELLO 3``, push messages
+interleaved with replies), but needs Redis >= 6 and matching every reply to a command while pushes arrive in
+between. Two plain connections work with any Redis (and with Valkey, KeyDB, proxies that speak RESP2), keep
+each one's reply stream trivial, and a flood of incoming messages never delays outgoing ones.
+
+Replies are parsed by :class:`hiredis.Reader` (bytes in, replies out); commands are encoded here.
+
+Ordering and echo: a message published here is delivered to local members at once (same as the in-memory
+broker) and carries this instance's id, so when Redis hands it back on the subscription it is skipped. Redis
+delivers the messages of one publishing connection in order, so every instance sees each publisher's messages
+in publish order.
+
+Faults: if Redis goes away, local delivery goes on; messages published meanwhile are counted in ``dropped``
+(they reached local members only), the broker reconnects with exponential backoff and re-subscribes every group
+still in use. Redis pub/sub is at-most-once: what other instances published while the subscription was down
+is not replayed. The write buffer is bounded by ``max_buffer``; a message past it is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import socket
+import ssl
+import struct
+from collections import deque
+from typing import Any
+
+from selectws.brokers.base import Deliver
+from selectws.ops.config import BrokerConfig, parse_redis_url
+from selectws.server.loop import EventLoop, Timer
+
+try:
+    import hiredis
+except ImportError:  # pragma: no cover - depends on the environment
+    hiredis = None  # type: ignore[assignment]
+
+__all__ = ["RedisBroker", "decode_payload", "encode_command", "encode_payload"]
+
+_VERSION = 1
+_HEADER = struct.Struct("!B8sBI")  # version, instance id, opcode (1 text, 2 binary), number of excluded ids
+_RECV = 256 * 1024
+
+
+def encode_payload(instance: bytes, message: str | bytes, exclude: frozenset[int] = frozenset()) -> bytes:
+    """One group message as published: header, excluded connection ids (meaningful only on ``instance``), data."""
+    if isinstance(message, str):
+        opcode, data = 1, message.encode("utf-8")
+    else:
+        opcode, data = 2, bytes(message)
+    ids = sorted(exclude)
+    return b"".join((_HEADER.pack(_VERSION, instance, opcode, len(ids)), struct.pack(f"!{len(ids)}Q", *ids), data))
+
+
+def decode_payload(payload: bytes) -> tuple[bytes, str | bytes, frozenset[int]]:
+    """``(instance id, message, exclude ids)``; :class:`ValueError` for anything not made by :func:`encode_payload`."""
+    if len(payload) < _HEADER.size:
+        raise ValueError("payload too short")
+    version, instance, opcode, count = _HEADER.unpack_from(payload)
+    if version != _VERSION or opcode not in (1, 2):
+        raise ValueError(f"unknown payload version {version} or opcode {opcode}")
+    start = _HEADER.size + 8 * count
+    if len(payload) < start:
+        raise ValueError("payload truncated")
+    exclude = frozenset(struct.unpack_from(f"!{count}Q", payload, _HEADER.size))
+    data = payload[start:]
+    message: str | bytes = data.decode("utf-8") if opcode == 1 else data
+    return instance, message, exclude
+
+
+def encode_command(*args: bytes | str) -> bytes:
+    """A RESP array of bulk strings, the form every Redis command takes."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        raw = arg.encode("utf-8") if isinstance(arg, str) else arg
+        out.append(b"$%d\r\n" % len(raw))
+        out.append(raw)
+        out.append(b"\r\n")
+    return b"".join(out)
+
+
+class _Connection:
+    """One non-blocking socket to Redis, registered with the loop; replies go to ``on_reply``."""
+
+    def __init__(self, broker: RedisBroker, name: str) -> None:
+        self.broker = broker
+        self.name = name
+        self.sock: socket.socket | ssl.SSLSocket | None = None
+        self.state = "down"  # down -> connecting -> (handshaking ->) (authenticating ->) up
+        self.wbuf = bytearray()
+        self.reader: Any = None
+        self.events = 0
+        self.pending: deque[str] = deque()  # what each expected reply answers: "auth", "publish", "sub"
+
+    # -------------------------------------------------------------- connecting
+    def connect(self, addr: Any, family: int) -> None:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.sock = sock
+        self.reader = hiredis.Reader()
+        self.wbuf.clear()
+        self.pending.clear()
+        self.state = "connecting"
+        err = sock.connect_ex(addr)
+        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            self.fail(os.strerror(err))
+            return
+        self._set_events(selectors.EVENT_WRITE)
+
+    def _set_events(self, events: int) -> None:
+        if events == self.events or self.sock is None:
+            return
+        loop = self.broker.loop
+        if self.events == 0:
+            loop.register(self.sock, events, self)
+        elif events == 0:
+            loop.unregister(self.sock)
+        else:
+            loop.modify(self.sock, events, self)
+        self.events = events
+
+    def _connected(self) -> None:
+        assert self.sock is not None
+        if self.broker.tls:
+            self._set_events(0)  # the SSLSocket takes over the descriptor: register it afresh
+            self.sock = self.broker.ssl_context().wrap_socket(
+                self.sock, server_hostname=self.broker.host, do_handshake_on_connect=False)
+            self.state = "handshaking"
+            self._handshake()
+            return
+        self._up()
+
+    def _handshake(self) -> None:
+        sock = self.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._set_events(selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._set_events(selectors.EVENT_WRITE)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self.fail(f"TLS handshake: {exc}")
+            return
+        self._up()
+
+    def _up(self) -> None:
+        password = self.broker.password
+        if password:  # up only once Redis said OK to AUTH
+            self.state = "authenticating"
+            self.pending.appendleft("auth")
+            self.wbuf[:0] = encode_command("AUTH", password)
+            self._set_events(selectors.EVENT_READ | selectors.EVENT_WRITE)
+            return
+        self.ready()
+
+    def ready(self) -> None:
+        self.state = "up"
+        self._set_events(selectors.EVENT_READ | (selectors.EVENT_WRITE if self.wbuf else 0))
+        self.broker._connection_up(self)
+
+    def fail(self, reason: str) -> None:
+        """Close and tell the broker (which reconnects both connections after a backoff)."""
+        if self.state == "down":
+            return
+        self.close()
+        self.broker._connection_lost(self, reason)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self._set_events(0)
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        self.sock = None
+        self.events = 0
+        self.state = "down"
+        self.wbuf.clear()
+
+    # -------------------------------------------------------------- I/O
+    def write(self, data: bytes, tag: str) -> None:
+        self.pending.append(tag)
+        self.wbuf += data
+        if self.state == "up":
+            self.broker._dirty.add(self)
+
+    def flush(self) -> None:
+        if self.state not in ("up", "authenticating") or self.sock is None or not self.wbuf:
+            return
+        try:
+            sent = self.sock.send(self.wbuf)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            sent = 0
+        except OSError as exc:
+            self.fail(str(exc))
+            return
+        del self.wbuf[:sent]
+        self._set_events(selectors.EVENT_READ | (selectors.EVENT_WRITE if self.wbuf else 0))
+
+    def handle_event(self, mask: int) -> None:
+        state = self.state
+        if state == "connecting":
+            assert self.sock is not None
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.fail(os.strerror(err))
+                return
+            self._connected()
+            return
+        if state == "handshaking":
+            self._handshake()
+            return
+        if state not in ("up", "authenticating"):
+            return
+        if mask & selectors.EVENT_READ:
+            self._read()
+        if self.state in ("up", "authenticating") and mask & selectors.EVENT_WRITE:
+            self.flush()
+
+    def _read(self) -> None:
+        sock = self.sock
+        assert sock is not None
+        reader = self.reader
+        while True:
+            try:
+                data = sock.recv(_RECV)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            except OSError as exc:
+                self.fail(str(exc))
+                return
+            if not data:
+                self.fail("connection closed by Redis")
+                return
+            reader.feed(data)
+            if len(data) < _RECV and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                break
+        on_reply = self.broker._on_reply
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:
+                self.fail(f"protocol error: {exc}")
+                return
+            if reply is False:
+                return
+            on_reply(self, reply)
+            if self.state not in ("up", "authenticating"):
+                return
+
+
+class RedisBroker:
+    """Publishes group messages to Redis and delivers what other instances publish (see the module docstring)."""
+
+    kind = "redis"
+
+    def __init__(self, loop: EventLoop, deliver: Deliver, config: BrokerConfig, log: Any) -> None:
+        if hiredis is None:
+            raise RuntimeError("[broker] url needs the hiredis package: pip install 'selectws[redis]'")
+        self.loop = loop
+        self._deliver = deliver
+        self.log = log
+        self.config = config
+        self.host, self.port, self.db, self.tls, url_password = parse_redis_url("broker.url", config.url)
+        self.password = config.password or url_password
+        self.prefix = config.channel_prefix.encode("utf-8")
+        self.instance = os.urandom(8)
+        self.groups: set[str] = set()  # groups with local members: subscribed whenever the connection is up
+        self._channels: dict[str, bytes] = {}
+        self.pub = _Connection(self, "publish")
+        self.sub = _Connection(self, "subscribe")
+        self._dirty: set[_Connection] = set()
+        self._ssl: ssl.SSLContext | None = None
+        self._backoff = config.reconnect_min
+        self._timer: Timer | None = None
+        self._connect_timer: Timer | None = None
+        self._closed = False
+        self._ever_up = False
+        self.last_error = ""
+        # counters, read by /metrics
+        self.published = 0
+        self.received = 0
+        self.dropped = 0
+        self.reconnects = 0
+        self.errors = 0
+        loop.end_of_iteration.append(self._flush)
+
+    # -------------------------------------------------------------- state
+    @property
+    def up(self) -> bool:
+        return self.pub.state == "up" and self.sub.state == "up"
+
+    def status(self) -> str:
+        """One line for /healthz."""
+        where = f"{self.host}:{self.port}"
+        if self.up:
+            return f"broker redis {where}: up"
+        return f"broker redis {where}: down ({self.last_error or 'connecting'}); local delivery only"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self._connect()
+
+    def close(self) -> None:
+        self._closed = True
+        for timer in (self._timer, self._connect_timer):
+            if timer is not None:
+                timer.cancel()
+        self.pub.close()
+        self.sub.close()
+
+    def _connect(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        try:
+            # Resolved on each attempt; an IP address (or /etc/hosts name) resolves without blocking the loop.
+            infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            self._connection_lost(self.pub, f"resolve {self.host}: {exc}")
+            return
+        family, _, _, _, addr = infos[0]
+        self.pub.connect(addr, family)
+        if self.pub.state != "down":
+            self.sub.connect(addr, family)
+        if self.pub.state != "down" and self.sub.state != "down":
+            self._connect_timer = self.loop.call_later(self.config.connect_timeout, self._connect_timeout)
+
+    def _connect_timeout(self) -> None:
+        self._connect_timer = None
+        if not self.up:
+            for conn in (self.pub, self.sub):
+                if conn.state != "up":
+                    conn.fail("connect timeout")
+                    return
+
+    def _connection_up(self, conn: _Connection) -> None:
+        if conn is self.sub and self.groups:
+            channels = [self._channel(g) for g in sorted(self.groups)]
+            for i in range(0, len(channels), 1000):
+                chunk = channels[i:i + 1000]
+                for _ in chunk:
+                    conn.pending.append("sub")
+                conn.wbuf += encode_command("SUBSCRIBE", *chunk)
+            self._dirty.add(conn)
+        elif conn.wbuf:
+            self._dirty.add(conn)
+        if self.up:
+            if self._connect_timer is not None:
+                self._connect_timer.cancel()
+                self._connect_timer = None
+            self._backoff = self.config.reconnect_min
+            if self._ever_up:
+                self.reconnects += 1
+            self._ever_up = True
+            self.last_error = ""
+            self.log.info("broker connected", broker="redis", host=self.host, port=self.port,
+                          groups=len(self.groups), reconnects=self.reconnects)
+
+    def _connection_lost(self, conn: _Connection, reason: str) -> None:
+        """Either connection failed: drop both, count what was unconfirmed, retry after a backoff."""
+        was_up = "up" in (self.pub.state, self.sub.state)
+        unconfirmed = sum(1 for tag in self.pub.pending if tag == "publish")
+        self.dropped += unconfirmed
+        for other in (self.pub, self.sub):
+            other.close()
+            other.pending.clear()
+        self._dirty.clear()
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        if self._closed or self._timer is not None:
+            return
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, self.config.reconnect_max)
+        # A warning when a working connection breaks or the failure is a new one; retries of it are info.
+        log = self.log.warning if was_up or reason != self.last_error else self.log.info
+        log("broker connection lost" if was_up else "broker unavailable", broker="redis", host=self.host,
+            port=self.port, connection=conn.name, error=reason, retry_in=round(delay, 3), unconfirmed=unconfirmed)
+        self.last_error = reason
+        self._timer = self.loop.call_later(delay, self._connect)
+
+    # -------------------------------------------------------------- the Broker interface
+    def _channel(self, group: str) -> bytes:
+        channel = self._channels.get(group)
+        if channel is None:
+            channel = self._channels[group] = self.prefix + group.encode("utf-8")
+        return channel
+
+    def subscribe(self, group: str) -> None:
+        self.groups.add(group)
+        if self.sub.state == "up":
+            self.sub.write(encode_command("SUBSCRIBE", self._channel(group)), "sub")
+
+    def unsubscribe(self, group: str) -> None:
+        self.groups.discard(group)
+        channel = self._channel(group)
+        del self._channels[group]
+        if self.sub.state == "up":
+            self.sub.write(encode_command("UNSUBSCRIBE", channel), "sub")
+
+    def publish(self, group: str, message: str | bytes, exclude: frozenset[int]) -> int:
+        count = self._deliver(group, message, exclude)
+        pub = self.pub
+        if pub.state != "up":
+            self.dropped += 1
+            return count
+        payload = encode_payload(self.instance, message, exclude)
+        channel = self._channels.get(group) or self.prefix + group.encode("utf-8")  # cached only while subscribed
+        if len(pub.wbuf) + len(payload) > self.config.max_buffer:
+            self.dropped += 1
+            return count
+        pub.write(b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(channel), channel, len(payload), payload),
+                  "publish")
+        self.published += 1
+        return count
+
+    # -------------------------------------------------------------- replies
+    def _flush(self) -> None:
+        if self._dirty:
+            dirty = list(self._dirty)
+            self._dirty.clear()
+            for conn in dirty:
+                conn.flush()
+
+    def _on_reply(self, conn: _Connection, reply: Any) -> None:
+        if conn is self.sub and isinstance(reply, list) and reply and reply[0] == b"message" and len(reply) == 3:
+            self._on_message(reply[1], reply[2])
+            return
+        tag = conn.pending.popleft() if conn.pending else "?"
+        if tag == "auth":
+            if isinstance(reply, hiredis.ReplyError):
+                self.errors += 1
+                conn.fail(f"AUTH refused: {reply}")
+            else:
+                conn.ready()
+            return
+        if isinstance(reply, hiredis.ReplyError):
+            self.errors += 1
+            if tag == "publish":
+                self.dropped += 1
+            self.log.warning("broker error reply", broker="redis", connection=conn.name, command=tag,
+                             error=str(reply))
+
+    def _on_message(self, channel: bytes, payload: bytes) -> None:
+        if not channel.startswith(self.prefix):
+            return
+        try:
+            instance, message, _exclude = decode_payload(payload)
+        except ValueError as exc:
+            self.errors += 1
+            self.log.warning("broker message ignored", broker="redis", error=str(exc), size=len(payload))
+            return
+        if instance == self.instance:
+            return  # ours: delivered locally when published
+        self.received += 1
+        group = channel[len(self.prefix):].decode("utf-8", "replace")
+        # Excluded ids are connection ids of the publishing instance: none of them are here.
+        self._deliver(group, message, frozenset())

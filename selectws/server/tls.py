@@ -1,0 +1,178 @@
+"""TLS (``wss://``) in the same selectors loop: the server context, and :class:`TlsClient`.
+
+Each accepted socket on a TLS listener is wrapped with ``SSLContext.wrap_socket(server_side=True,
+do_handshake_on_connect=False)``. An :class:`ssl.SSLSocket` keeps a real file descriptor, so it registers with the
+selector like any socket; its non-blocking ``recv_into``/``send`` raise ``SSLWantReadError``/``SSLWantWriteError``
+where a TCP socket raises ``BlockingIOError``. (``SSLObject`` + ``MemoryBIO`` would also work, but it means copying
+every byte through two BIOs in Python; the wrapped socket lets OpenSSL read and write the descriptor itself.)
+
+The choice is made once per connection, in :meth:`Server.accept_client`: plain connections are a :class:`Client`
+and run exactly the code they always ran; TLS connections are a :class:`TlsClient`, which
+
+* drives ``do_handshake()`` from selector events first (want-read / want-write become read / write interest), under
+  the same handshake timeout as the HTTP upgrade, closing the connection with a log line on any TLS error;
+* treats the two "want" errors as "would block" on reads and writes (the write buffer is kept and retried with the
+  same bytes, as OpenSSL requires);
+* keeps reading after a read while the socket has more: TLS hands out one record per ``recv_into`` and may hold
+  decrypted bytes (``pending()``) that the selector will never report.
+
+Closing is TCP's: ``shutdown(SHUT_WR)`` after the last byte (an ``SSLSocket`` drops its TLS state there; no
+``close_notify``, which WebSocket does not need: the close frame already ended the conversation).
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import ssl
+from typing import TYPE_CHECKING
+
+from selectws.ops.config import ConfigError, TlsConfig
+from selectws.server.client import HANDSHAKE, Client
+
+if TYPE_CHECKING:
+    from selectws.server.server import Server
+
+__all__ = ["TlsClient", "build_context"]
+
+_READ_BUDGET = 64  # TLS records (<= 16 KiB each) read per readable event before giving other sockets a turn
+
+
+def _resolve(path: str, base: str | None) -> str:
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) or base is None else os.path.join(base, path)
+
+
+def _read_pem(key: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _no_password() -> bytes:
+    raise ValueError("the key is encrypted (selectws needs an unencrypted private key)")
+
+
+def build_context(tls: TlsConfig, base: str | None = None) -> ssl.SSLContext:
+    """A server-side context for ``tls`` (paths relative to ``base``); :class:`ConfigError` naming the key."""
+    cert = _resolve(tls.cert, base)
+    key = _resolve(tls.key, base)
+    if b"-----BEGIN CERTIFICATE-----" not in _read_pem("tls.cert", cert):
+        raise ConfigError("tls.cert", f"no PEM certificate in {cert}")
+    if b"PRIVATE KEY-----" not in _read_pem("tls.key", key):
+        raise ConfigError("tls.key", f"no PEM private key in {key}")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION  # a write can then never need a read (no want-read on send)
+    context.set_alpn_protocols(["http/1.1"])
+    if tls.ciphers:
+        try:
+            context.set_ciphers(tls.ciphers)
+        except ssl.SSLError as exc:
+            raise ConfigError("tls.ciphers", f"no usable cipher in {tls.ciphers!r}") from exc
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except ValueError as exc:
+        raise ConfigError("tls.key", f"cannot load {key}: {exc}") from None
+    except ssl.SSLError as exc:
+        why = exc.reason or str(exc)
+        if "KEY_VALUES_MISMATCH" in str(why).upper():
+            raise ConfigError("tls.key", f"{key} is not the private key of the certificate in {cert}") from None
+        raise ConfigError("tls.cert", f"cannot load certificate {cert} with key {key}: {why}") from None
+    if tls.ca:
+        ca = _resolve(tls.ca, base)
+        _read_pem("tls.ca", ca)
+        try:
+            context.load_verify_locations(cafile=ca)
+        except ssl.SSLError as exc:
+            raise ConfigError("tls.ca", f"cannot load CA certificates from {ca}: {exc.reason or exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _describe(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    if reason == "HTTP_REQUEST":
+        return "plain HTTP sent to the TLS port"
+    if isinstance(exc, ssl.SSLError):
+        return str(reason or exc)
+    return str(exc) or type(exc).__name__
+
+
+class TlsClient(Client):
+    """A :class:`Client` over an :class:`ssl.SSLSocket`: the TLS handshake first, then the same phases."""
+
+    __slots__ = ("_tls_handshaking",)
+
+    _would_block = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+    def __init__(
+        self, server: Server, sock: socket.socket, remote: tuple[str, int], client_id: int, context: ssl.SSLContext
+    ) -> None:
+        # Raises OSError if the peer is already gone (the SSLSocket then closes the descriptor itself).
+        tls_sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        self._tls_handshaking = True
+        super().__init__(server, tls_sock, remote, client_id)
+
+    def handle_event(self, mask: int) -> None:
+        if self._tls_handshaking:
+            self._tls_handshake()
+        else:
+            Client.handle_event(self, mask)
+
+    def _tls_handshake(self) -> None:
+        sock = self.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._tls_interest(selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._tls_interest(selectors.EVENT_WRITE)
+            return
+        except OSError as exc:  # SSLError (bad client, plain HTTP, no shared version), reset, EOF
+            self._tls_failed(_describe(exc))
+            return
+        self._tls_handshaking = False
+        self._tls_interest(selectors.EVENT_READ)
+        self._on_readable()  # the request may have come with the last handshake flight
+
+    def _tls_interest(self, events: int) -> None:
+        if events != self._events and self.sock is not None:
+            self.server.loop.modify(self.sock, events, self)
+            self._events = events
+
+    def _tls_failed(self, reason: str) -> None:
+        server = self.server
+        server.handshake_failures += 1
+        server.log.warning("tls handshake failed", conn=self.id, peer=self.remote[0], reason=reason)
+        self._close_socket()
+
+    def _on_timer(self) -> None:
+        if self._tls_handshaking and self.phase == HANDSHAKE:
+            self._timer = None
+            self._tls_failed("handshake timeout")
+            return
+        Client._on_timer(self)
+
+    def _on_readable(self) -> None:
+        sock = self.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        for _ in range(_READ_BUDGET):
+            before = self.bytes_in
+            Client._on_readable(self)
+            if self.bytes_in == before or self.sock is not sock or self._paused:
+                return  # nothing more to read now (want-read), closed, or paused by backpressure
+        if sock.pending():
+            # Budget spent with decrypted bytes left inside TLS: the selector would never report them.
+            loop = self.server.loop
+            loop.call_at(loop.now, self._read_pending)
+
+    def _read_pending(self) -> None:
+        if self.sock is not None and not self._paused and not self._tls_handshaking:
+            self._on_readable()
+

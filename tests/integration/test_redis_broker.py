@@ -1,0 +1,411 @@
+"""Scale-out with a real Redis: daemons (and workers) sharing groups through ``[broker] url``.
+
+Each test starts its own ``redis-server --port <free> --save '' --appendonly no`` on 127.0.0.1 and kills it
+afterwards. Without the binary the tests skip locally (saying why) and fail under ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import pytest
+from wstools import connect, http_exchange
+
+hiredis = pytest.importorskip("hiredis", reason="the Redis broker needs hiredis: pip install 'selectws[redis]'")
+
+TIMEOUT = 10.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Redis:
+    """One redis-server process on a fixed port (so it can be killed and started again on the same port)."""
+
+    def __init__(self, binary: str, *extra: str) -> None:
+        self.binary = binary
+        self.port = _free_port()
+        self.extra = extra
+        self.password = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             *self.extra],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                reply = self.command("PING")
+                if reply == b"PONG" or "NOAUTH" in str(reply):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError("redis-server did not start")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def command(self, *args: str) -> Any:
+        """One command on a fresh connection, the reply parsed by hiredis."""
+        commands = [("AUTH", self.password), args] if self.password else [args]
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+            out = []
+            for command in commands:
+                out.append(b"*%d\r\n" % len(command))
+                for arg in command:
+                    raw = arg.encode()
+                    out += [b"$%d\r\n" % len(raw), raw, b"\r\n"]
+            sock.sendall(b"".join(out))
+            reader = hiredis.Reader()
+            for _ in commands:
+                while (reply := reader.gets()) is False:
+                    data = sock.recv(65536)
+                    if not data:
+                        raise OSError("redis closed the connection")
+                    reader.feed(data)
+            return reply
+
+    def wait_subscribers(self, channel: str, n: int, timeout: float = TIMEOUT) -> None:
+        """Until ``n`` connections subscribe to ``channel`` (a SUBSCRIBE is asynchronous to the client's open)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.command("PUBSUB", "NUMSUB", channel)[1]
+            if got >= n:
+                return
+            assert time.monotonic() < deadline, f"{channel}: {got} subscribers, wanted {n}"
+            time.sleep(0.02)
+
+
+def _need(binary: str, install: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        reason = f"{binary} not installed ({install})"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason + "; required under CI=true", pytrace=False)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture
+def redis() -> Iterator[Redis]:
+    server = Redis(_need("redis-server", "apt-get install -y redis-server"))
+    server.start()
+    yield server
+    server.kill()
+
+
+def broker_toml(redis: Redis, extra: str = "") -> str:
+    return f"""
+    [broker]
+    url = "{redis.url}"
+    reconnect_min = 0.05
+    reconnect_max = 0.5
+    {extra}
+    """
+
+
+def metrics(daemon: Any) -> dict[str, float]:
+    reply = http_exchange(daemon.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    out = {}
+    for line in reply.body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _message(i: int) -> str | bytes:
+    return f"#{i} héllo" + "t" * (i * 37 % 300) if i % 2 else i.to_bytes(4, "big") + bytes([i % 256]) * (i * 997 % 5000)
+
+
+def _next_is(marker_from: Any, *clients: Any) -> None:
+    """A marker sent now is the next thing each of ``clients`` receives: nothing else was queued for them."""
+    marker = f"marker {time.monotonic()}"
+    marker_from.send(marker)
+    for ws in clients:
+        assert ws.recv(timeout=TIMEOUT) == marker
+
+
+def test_broadcast_spans_two_daemons_in_order_not_to_sender(start_daemon, redis):
+    a = start_daemon(broker_toml(redis))
+    b = start_daemon(broker_toml(redis))
+    with ExitStack() as stack:
+        sender = stack.enter_context(connect(a.url("/broadcast/x"), max_size=None))
+        a_peer = stack.enter_context(connect(a.url("/broadcast/x"), max_size=None))
+        b_peers = [stack.enter_context(connect(b.url("/broadcast/x"), max_size=None)) for _ in range(2)]
+        other = stack.enter_context(connect(b.url("/broadcast/y")))
+        redis.wait_subscribers("selectws:broadcast:x", 2)
+        sent = [_message(i) for i in range(60)]
+        for m in sent:
+            sender.send(m)
+        for ws in (a_peer, *b_peers):
+            for i, expected in enumerate(sent):
+                got = ws.recv(timeout=TIMEOUT)
+                assert type(got) is type(expected) and got == expected, f"message {i} altered or out of order"
+        # B's members can publish too, and nothing reached the sender or another channel
+        _next_is(b_peers[0], sender, a_peer, b_peers[1])
+        _next_is(a_peer, sender, *b_peers)
+        other_peer = stack.enter_context(connect(a.url("/broadcast/y")))
+        redis.wait_subscribers("selectws:broadcast:y", 2)
+        _next_is(other_peer, other)
+    ma = metrics(a)
+    assert ma['selectws_broker_up{broker="redis"}'] == 1
+    assert ma["selectws_broker_dropped_total"] == 0
+    assert ma["selectws_broker_published_total"] >= 61
+    assert metrics(b)["selectws_broker_received_total"] >= 61
+
+
+def test_chat_room_spans_two_daemons(start_daemon, redis):
+    a = start_daemon(broker_toml(redis))
+    b = start_daemon(broker_toml(redis))
+    with connect(a.url("/chat")) as alice, connect(b.url("/chat")) as bob:
+        alice.send(json.dumps({"type": "login", "name": "alice", "room": "r"}))
+        assert json.loads(alice.recv(timeout=TIMEOUT))["type"] == "welcome"
+        redis.wait_subscribers("selectws:chat:r", 1)
+        bob.send(json.dumps({"type": "login", "name": "bob", "room": "r"}))
+        welcome = json.loads(bob.recv(timeout=TIMEOUT))
+        # The members list is this daemon's own: alice is on A (documented: welcome is local-only).
+        assert welcome == {"type": "welcome", "name": "bob", "room": "r", "members": ["bob"]}
+        assert json.loads(alice.recv(timeout=TIMEOUT)) == {"type": "joined", "name": "bob"}
+        redis.wait_subscribers("selectws:chat:r", 2)
+        bob.send(json.dumps({"type": "say", "text": "hi from B"}))
+        said = {"type": "said", "from": "bob", "text": "hi from B"}
+        assert json.loads(bob.recv(timeout=TIMEOUT)) == said
+        assert json.loads(alice.recv(timeout=TIMEOUT)) == said
+        alice.send(json.dumps({"type": "say", "text": "hi from A"}))
+        said = {"type": "said", "from": "alice", "text": "hi from A"}
+        assert json.loads(alice.recv(timeout=TIMEOUT)) == said
+        assert json.loads(bob.recv(timeout=TIMEOUT)) == said
+        bob.close()
+        assert json.loads(alice.recv(timeout=TIMEOUT)) == {"type": "left", "name": "bob"}
+
+
+def test_redis_outage_local_delivery_continues_then_resubscribes(start_daemon, redis):
+    a = start_daemon(broker_toml(redis))
+    b = start_daemon(broker_toml(redis))
+    with ExitStack() as stack:
+        a1 = stack.enter_context(connect(a.url("/broadcast/x")))
+        a2 = stack.enter_context(connect(a.url("/broadcast/x")))
+        b1 = stack.enter_context(connect(b.url("/broadcast/x")))
+        redis.wait_subscribers("selectws:broadcast:x", 2)
+        a1.send("before")
+        assert a2.recv(timeout=TIMEOUT) == "before" and b1.recv(timeout=TIMEOUT) == "before"
+
+        redis.kill()
+        for d in (a, b):
+            wait_until(lambda d=d: metrics(d)['selectws_broker_up{broker="redis"}'] == 0, "broker down")
+        health = http_exchange(a.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert health.status == 200 and b"down" in health.body  # degraded, still serving
+        for i in range(3):
+            a1.send(f"during {i}")  # local delivery goes on, remote is dropped and counted
+        for i in range(3):
+            assert a2.recv(timeout=TIMEOUT) == f"during {i}"
+        assert metrics(a)["selectws_broker_dropped_total"] >= 3
+        assert a.wait_for(event="broker connection lost")
+
+        redis.start()  # the same port
+        redis.wait_subscribers("selectws:broadcast:x", 2)  # both re-subscribed the group still in use
+        for d in (a, b):
+            wait_until(lambda d=d: metrics(d)['selectws_broker_up{broker="redis"}'] == 1, "broker up")
+            assert metrics(d)["selectws_broker_reconnects_total"] >= 1
+        a1.send("after")
+        assert a2.recv(timeout=TIMEOUT) == "after"
+        assert b1.recv(timeout=TIMEOUT) == "after"  # and not one of the dropped ones
+        b1.send("back")
+        assert a1.recv(timeout=TIMEOUT) == "back" and a2.recv(timeout=TIMEOUT) == "back"
+
+
+def test_workers_share_the_port_and_groups(start_daemon, redis):
+    d = start_daemon(broker_toml(redis), extra_args=("--workers", "2"), allow_errors=True)
+    ready = d.wait_for(event="workers ready", timeout=15)
+    pids = ready["pids"]
+    assert len(set(pids)) == 2
+    with ExitStack() as stack:
+        clients = [stack.enter_context(connect(d.url("/broadcast/w"))) for _ in range(24)]
+        wait_until(lambda: len(d.logs(event="open")) >= 24, "24 opens logged")
+        used = {r["pid"] for r in d.logs(event="open")}
+        assert used <= set(pids)
+        assert len(used) == 2, "all connections went to one worker"
+        redis.wait_subscribers("selectws:broadcast:w", 2)
+        clients[0].send("to everyone")
+        for ws in clients[1:]:
+            assert ws.recv(timeout=TIMEOUT) == "to everyone"
+
+    # a killed worker is restarted (and serves)
+    victim = pids[0]
+    os.kill(victim, signal.SIGKILL)
+    d.wait_for(event="worker died; restarting", worker_pid=victim)
+    started = d.wait_for(lambda r: r.get("worker_pid") not in pids, event="worker started")
+    d.wait_for(event="listening", pid=started["worker_pid"])
+    with connect(d.url("/echo")) as ws:
+        ws.send("still here")
+        assert ws.recv(timeout=TIMEOUT) == "still here"
+
+    # SIGTERM to the parent stops everything, exit 0
+    assert d.terminate() == 0
+    d.wait_for(event="all workers exited", failed=0)
+    for pid in (pids[1], started["worker_pid"]):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_workers_without_broker_is_a_config_error(cli):
+    result = cli("serve", "--port", "0", "--workers", "2")
+    assert result.returncode == 2
+    assert re.search(r"configuration error.*server\.workers.*broker", result.stderr), result.stderr
+
+
+def test_rediss_with_password(start_daemon, tmp_path, monkeypatch):
+    """rediss:// (TLS, verified against SSL_CERT_FILE) with AUTH; a wrong password keeps the broker down, saying why."""
+    openssl = _need("openssl", "apt-get install -y openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    server = Redis(_need("redis-server", "apt-get install -y redis-server"))
+    tls_port = server.port
+    server.port = _free_port()  # plain port: for the test's own commands (PUBSUB NUMSUB)
+    server.extra = ("--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                    "--tls-auth-clients", "no", "--requirepass", "s3cret")
+    server.password = "s3cret"
+    server.start()
+    try:
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        toml = f"""
+        [broker]
+        url = "rediss://localhost:{tls_port}/0"
+        password = "s3cret"
+        """
+        a = start_daemon(toml)
+        b = start_daemon(toml)
+        wrong = start_daemon(toml.replace("s3cret", "nope"))
+        with connect(a.url("/broadcast/t")) as sender, connect(b.url("/broadcast/t")) as receiver:
+            for d in (a, b):
+                wait_until(lambda d=d: metrics(d)['selectws_broker_up{broker="redis"}'] == 1, "broker up over TLS")
+            server.wait_subscribers("selectws:broadcast:t", 2)
+            sender.send("over TLS")
+            assert receiver.recv(timeout=TIMEOUT) == "over TLS"
+        wrong.wait_for(lambda r: "AUTH refused" in str(r.get("error")))
+        assert not wrong.logs(event="broker connected")
+        health = http_exchange(wrong.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert health.status == 200 and b"down" in health.body and health.header("X-Broker") == "down"
+    finally:
+        server.kill()
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def _records(path: Any) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def test_workers_notify_systemd_from_the_parent_only(redis, tmp_path):
+    """READY=1 once, from the supervisor, after every worker listens; workers do not inherit NOTIFY_SOCKET;
+    STOPPING=1 on SIGTERM, then exit 0. The listening socket comes from socket activation when
+    systemd-socket-activate is installed (the workers share the inherited descriptor)."""
+    notify_dir = tmp_path / "n"
+    notify_dir.mkdir()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_dir / "notify.sock"))
+    notify.settimeout(15)
+    config = tmp_path / "selectws.toml"
+    config.write_text(broker_toml(redis).replace("\n    ", "\n"))
+    log = tmp_path / "stderr.log"
+    serve = [sys.executable, "-m", "selectws", "serve", "--log-format", "json", "--workers", "2",
+             "--config", str(config)]
+    activate = shutil.which("systemd-socket-activate")
+    port = _free_port()
+    env = _clean_env(NOTIFY_SOCKET=str(notify_dir / "notify.sock"))
+    if activate:
+        args = [activate, "-l", f"127.0.0.1:{port}", "--fdname=ws",
+                "-E", f"PYTHONPATH={os.pathsep.join(sys.path)}", "-E", "PYTHONUNBUFFERED=1",
+                "-E", f"NOTIFY_SOCKET={env['NOTIFY_SOCKET']}", *serve]
+    else:
+        args = [*serve, "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env)
+    try:
+        # socket activation starts the daemon on the first connection
+        ws = None
+        deadline = time.monotonic() + 15
+        while ws is None:
+            try:
+                ws = connect(f"ws://127.0.0.1:{port}/echo")
+            except OSError:
+                assert time.monotonic() < deadline, "daemon not reachable"
+                time.sleep(0.1)
+        messages = []
+        while not any("READY=1" in m for m in messages):
+            messages.append(notify.recv(4096).decode())
+        ready = next(m for m in messages if "READY=1" in m)
+        assert "2 workers serving" in ready
+        with ws:
+            ws.send("hi")
+            assert ws.recv(timeout=TIMEOUT) == "hi"
+        records = _records(log)
+        listening = [r for r in records if r.get("event") == "listening"]
+        assert len(listening) == 2 and {r["pid"] for r in listening} == {r["worker_pid"] for r in records
+                                                                          if r.get("event") == "worker started"}
+        if activate:
+            assert all(r["inherited"] for r in listening)
+        notify.settimeout(0.5)
+        try:
+            while True:  # no second READY=1 from a worker
+                messages.append(notify.recv(4096).decode())
+        except TimeoutError:
+            pass
+        assert sum("READY=1" in m for m in messages) == 1, messages
+        notify.settimeout(10)
+        proc.send_signal(signal.SIGTERM)
+        while not any("STOPPING=1" in m for m in messages):
+            messages.append(notify.recv(4096).decode())
+        assert proc.wait(15) == 0
+        assert not [r for r in _records(log) if r.get("level") == "error"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        notify.close()

@@ -108,7 +108,12 @@ class _Connection:
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
+            # An idle subscription must still notice a Redis that vanished without a FIN (host down, partition).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        except (OSError, AttributeError):
             pass
         self.sock = sock
         self.reader = hiredis.Reader()
@@ -137,8 +142,12 @@ class _Connection:
         assert self.sock is not None
         if self.broker.tls:
             self._set_events(0)  # the SSLSocket takes over the descriptor: register it afresh
-            self.sock = self.broker.ssl_context().wrap_socket(
-                self.sock, server_hostname=self.broker.host, do_handshake_on_connect=False)
+            try:
+                self.sock = self.broker.ssl_context().wrap_socket(
+                    self.sock, server_hostname=self.broker.host, do_handshake_on_connect=False)
+            except (ssl.SSLError, OSError) as exc:
+                self.fail(f"TLS: {exc}")
+                return
             self.state = "handshaking"
             self._handshake()
             return

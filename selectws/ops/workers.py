@@ -133,6 +133,7 @@ class Supervisor:
         if config.ops.listen:
             self.ops_sockets = _bind(config, *split_host_port("ops.listen", config.ops.listen))
         self.slots = [_Slot(i) for i in range(config.server.workers)]
+        self.parent_pid = os.getpid()
         self.stopping = False
         self.failed_exits = 0
         self.announced = False
@@ -218,6 +219,7 @@ class Supervisor:
                     return config
 
                 server.reload_callback = reload_and_tag  # type: ignore[attr-defined]
+            _watch_parent(server, self.parent_pid)
             server.run()
             code = 0
         except BaseException as exc:  # the worker must end in os._exit, whatever happened
@@ -300,6 +302,12 @@ class Supervisor:
                     slot.timer = None
             grace = self.config.timeouts.shutdown_grace + 5.0
             self._kill_timer = self.loop.call_later(grace, self._kill_remaining)
+            # The workers close their copies when they start draining; with ours closed too, new connections
+            # are refused at once (as with one process) instead of waiting in a backlog nobody accepts from.
+            # Under socket activation systemd keeps its own copy, and clients wait for the next start.
+            for sock in self.sockets:
+                sock.close()
+            self.sockets = []
         self._forward(signum)
         if not any(s.pid for s in self.slots):
             self.loop.stop()
@@ -331,6 +339,23 @@ class Supervisor:
     def _watchdog(self, interval: float) -> None:
         self.notifier.watchdog()
         self.loop.call_later(interval, lambda: self._watchdog(interval))
+
+
+def _watch_parent(server: Any, parent: int) -> None:
+    """A worker whose supervisor is gone (SIGKILL, a crash) drains and exits instead of holding the port forever.
+
+    Under systemd, KillMode=mixed also kills what is left of the unit; elsewhere this is the only way out.
+    """
+
+    def check() -> None:
+        if os.getppid() != parent:
+            if not server.draining:
+                server.log.warning("supervisor gone; stopping", supervisor=parent)
+                server.shutdown()
+            return
+        server.loop.call_later(1.0, check)
+
+    server.loop.call_later(1.0, check)
 
 
 def _bind(config: Config, host: str, port: int) -> list[socket.socket]:

@@ -270,12 +270,37 @@ def test_workers_share_the_port_and_groups(start_daemon, redis):
         ws.send("still here")
         assert ws.recv(timeout=TIMEOUT) == "still here"
 
+    # SIGHUP to the parent reaches every worker (each reloads the file)
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: len({r["pid"] for r in d.logs(event="configuration reloaded")}) == 2, "both workers reloaded")
+
     # SIGTERM to the parent stops everything, exit 0
     assert d.terminate() == 0
     d.wait_for(event="all workers exited", failed=0)
     for pid in (pids[1], started["worker_pid"]):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_workers_exit_when_the_supervisor_is_killed(start_daemon, redis):
+    d = start_daemon(broker_toml(redis), extra_args=("--workers", "2"))
+    pids = d.wait_for(event="workers ready", timeout=15)["pids"]
+    d.signal(signal.SIGKILL)
+    d.wait()
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # an exited child of a dead parent is reaped by init; a zombie still answers kill(0)
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().split(")")[-1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_until(lambda: all(gone(p) for p in pids), "workers to exit after their supervisor died")
 
 
 def test_workers_without_broker_is_a_config_error(cli):
@@ -385,6 +410,8 @@ def test_workers_notify_systemd_from_the_parent_only(redis, tmp_path):
         with ws:
             ws.send("hi")
             assert ws.recv(timeout=TIMEOUT) == "hi"
+        # (a worker flushes its "listening" line just after telling the supervisor it is ready)
+        wait_until(lambda: sum(r.get("event") == "listening" for r in _records(log)) == 2, "2 listening lines")
         records = _records(log)
         listening = [r for r in records if r.get("event") == "listening"]
         assert len(listening) == 2 and {r["pid"] for r in listening} == {r["worker_pid"] for r in records

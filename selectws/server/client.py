@@ -141,6 +141,8 @@ class Client:
     def open(self) -> bool:
         return self.phase == OPEN and self.ws is not None and self.ws.state is State.OPEN
 
+    # send_text / send_bytes repeat their few lines on purpose: they run once per message, and a shared helper
+    # would add a call to the hot path.
     def send_text(self, text: str) -> bool:
         ws = self.ws
         if ws is None or not ws.send_text(text):

@@ -24,7 +24,8 @@ esac
 bash "$runner" --install-only >&2
 
 work=$(mktemp -d /tmp/selectws-autobahn.XXXXXX)
-python3 -m selectws serve --config "$here/autobahn.toml" --port 0 --host 127.0.0.1 >"$work/server.log" 2>&1 &
+python3 -m selectws serve --config "$here/autobahn.toml" --port 0 --host 127.0.0.1 --log-format json \
+    >"$work/server.log" 2>&1 &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
 port=""

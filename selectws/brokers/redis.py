@@ -38,7 +38,7 @@ from typing import Any
 
 from selectws.brokers.base import Deliver
 from selectws.ops.config import BrokerConfig, parse_redis_url
-from selectws.server.loop import EventLoop, Timer
+from selectws.server.loop import EventLoop, Timer, step_tls_handshake
 
 try:
     import hiredis
@@ -157,15 +157,12 @@ class _Connection:
         sock = self.sock
         assert isinstance(sock, ssl.SSLSocket)
         try:
-            sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._set_events(selectors.EVENT_READ)
-            return
-        except ssl.SSLWantWriteError:
-            self._set_events(selectors.EVENT_WRITE)
-            return
-        except (ssl.SSLError, OSError) as exc:
+            waiting_for = step_tls_handshake(sock)
+        except OSError as exc:
             self.fail(f"TLS handshake: {exc}")
+            return
+        if waiting_for:
+            self._set_events(waiting_for)
             return
         self._up()
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from selectws.ops.config import ConfigError, TlsConfig
 from selectws.server.client import HANDSHAKE, Client
+from selectws.server.loop import step_tls_handshake
 
 if TYPE_CHECKING:
     from selectws.server.server import Server
@@ -127,15 +128,12 @@ class TlsClient(Client):
         sock = self.sock
         assert isinstance(sock, ssl.SSLSocket)
         try:
-            sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._tls_interest(selectors.EVENT_READ)
-            return
-        except ssl.SSLWantWriteError:
-            self._tls_interest(selectors.EVENT_WRITE)
-            return
+            waiting_for = step_tls_handshake(sock)
         except OSError as exc:  # SSLError (bad client, plain HTTP, no shared version), reset, EOF
             self._tls_failed(_describe(exc))
+            return
+        if waiting_for:
+            self._tls_interest(waiting_for)
             return
         self._tls_handshaking = False
         self._tls_interest(selectors.EVENT_READ)

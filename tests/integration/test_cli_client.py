@@ -4,7 +4,7 @@
 * a server built with the ``websockets`` library in a thread of the test, so the client's handshake, masking,
   permessage-deflate, close handshake and TLS are also checked against an implementation nobody here wrote.
 
-The daemon helper is local on purpose (the conftest beside this file belongs to the daemon's own tests).
+The daemon comes from the ``daemon`` fixture of the conftest beside this file.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import datetime
 import ipaddress
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Daemon
 
 websockets_sync = pytest.importorskip("websockets.sync.server")
 from websockets.exceptions import ConnectionClosed  # noqa: E402
@@ -55,56 +55,6 @@ def connect(*args: str, stdin: str | bytes = "", timeout: float = RUN_TIMEOUT) -
     return subprocess.CompletedProcess(
         proc.args, proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
     )
-
-
-class Daemon:
-    """The selectws daemon on 127.0.0.1 and an ephemeral port, learnt from its JSON ``listening`` line."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "selectws", "serve", "--host", "127.0.0.1", "--port", "0", "--log-format", "json"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=REPO_ROOT,
-        )
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        self.port = 0
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(15) or not self.port:
-            self.proc.kill()
-            raise RuntimeError("the daemon did not start:\n" + "\n".join(self.lines[-20:]))
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.lines.append(line)
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("event") == "listening":
-                self.port = int(str(record["addresses"][0]).rsplit(":", 1)[1])
-                self._ready.set()
-
-    def url(self, path: str) -> str:
-        return f"ws://127.0.0.1:{self.port}{path}"
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
-
-
-@pytest.fixture(scope="module")
-def selectws_daemon() -> Iterator[Daemon]:
-    d = Daemon()
-    yield d
-    assert d.stop() == 0
 
 
 def ws_handler(ws: ServerConnection) -> None:
@@ -165,41 +115,41 @@ def closed_port() -> int:
 # ------------------------------------------------------------------------------------------------ the daemon
 
 
-def test_once_echo(selectws_daemon: Daemon) -> None:
-    result = connect(selectws_daemon.url("/echo"), "--once", stdin="hi\n")
+def test_once_echo(daemon: Daemon) -> None:
+    result = connect(daemon.url("/echo"), "--once", stdin="hi\n")
     assert (result.returncode, result.stdout, result.stderr) == (0, "hi\n", "")
 
 
-def test_once_several_lines_in_order(selectws_daemon: Daemon) -> None:
+def test_once_several_lines_in_order(daemon: Daemon) -> None:
     lines = ["first", "héllo wörld ✓", "", "last line without newline"]
-    result = connect(selectws_daemon.url("/echo"), "--once", stdin="\n".join(lines))
+    result = connect(daemon.url("/echo"), "--once", stdin="\n".join(lines))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:-1] == lines
 
 
-def test_crlf_input_is_one_line(selectws_daemon: Daemon) -> None:
-    result = connect(selectws_daemon.url("/echo"), "--once", stdin="windows\r\n")
+def test_crlf_input_is_one_line(daemon: Daemon) -> None:
+    result = connect(daemon.url("/echo"), "--once", stdin="windows\r\n")
     assert (result.returncode, result.stdout) == (0, "windows\n")
 
 
-def test_without_once_stdin_eof_closes_cleanly(selectws_daemon: Daemon) -> None:
+def test_without_once_stdin_eof_closes_cleanly(daemon: Daemon) -> None:
     # Without --once the close follows stdin's end at once (as websocat does). Messages that reach the daemon
     # before (or in the same read as) the close frame are still answered before the daemon's close.
-    result = connect(selectws_daemon.url("/echo"), stdin="a\nb\n")
+    result = connect(daemon.url("/echo"), stdin="a\nb\n")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert result.stdout == "a\nb\n"
 
 
-def test_handshake_refused_404(selectws_daemon: Daemon) -> None:
-    result = connect(selectws_daemon.url("/no/such/route"), "--once", stdin="hi\n")
+def test_handshake_refused_404(daemon: Daemon) -> None:
+    result = connect(daemon.url("/no/such/route"), "--once", stdin="hi\n")
     assert result.returncode == 1
     assert "selectws: handshake failed: 404 Not Found" in result.stderr
     assert result.stdout == ""
 
 
-def test_plain_http_page_is_not_a_websocket(selectws_daemon: Daemon) -> None:
-    result = connect(selectws_daemon.url("/"), "--once", stdin="hi\n")
+def test_plain_http_page_is_not_a_websocket(daemon: Daemon) -> None:
+    result = connect(daemon.url("/"), "--once", stdin="hi\n")
     assert result.returncode == 1
     assert "handshake failed: 200 OK" in result.stderr
 
@@ -208,29 +158,29 @@ def test_plain_http_page_is_not_a_websocket(selectws_daemon: Daemon) -> None:
     ("fmt", "line"),
     [("hex", "00ff10abcdef7f80"), ("base64", base64.b64encode(bytes(range(256))).decode())],
 )
-def test_binary_round_trip(selectws_daemon: Daemon, fmt: str, line: str) -> None:
-    result = connect(selectws_daemon.url("/echo"), "--once", "--binary", "--binary-format", fmt, stdin=line + "\n")
+def test_binary_round_trip(daemon: Daemon, fmt: str, line: str) -> None:
+    result = connect(daemon.url("/echo"), "--once", "--binary", "--binary-format", fmt, stdin=line + "\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == line + "\n"
 
 
-def test_binary_input_that_does_not_decode_is_skipped(selectws_daemon: Daemon) -> None:
-    result = connect(selectws_daemon.url("/echo"), "--once", "--binary", stdin="zz-not-hex\n0102\n")
+def test_binary_input_that_does_not_decode_is_skipped(daemon: Daemon) -> None:
+    result = connect(daemon.url("/echo"), "--once", "--binary", stdin="zz-not-hex\n0102\n")
     assert result.returncode == 0
     assert result.stdout == "0102\n"
     assert "not hex" in result.stderr
 
 
-def test_chat_login(selectws_daemon: Daemon) -> None:
-    result = connect(selectws_daemon.url("/chat"), "--once", stdin='{"type":"login","name":"cli","room":"r1"}\n')
+def test_chat_login(daemon: Daemon) -> None:
+    result = connect(daemon.url("/chat"), "--once", stdin='{"type":"login","name":"cli","room":"r1"}\n')
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"type": "welcome", "name": "cli", "room": "r1", "members": ["cli"]}
 
 
 @pytest.mark.parametrize("flag", ["--compress", "--no-compress"])
-def test_large_message_with_and_without_compression(selectws_daemon: Daemon, flag: str) -> None:
+def test_large_message_with_and_without_compression(daemon: Daemon, flag: str) -> None:
     text = "selectws " * 50_000  # 450 kB, very compressible
-    result = connect(selectws_daemon.url("/echo"), "--once", flag, stdin=text + "\n")
+    result = connect(daemon.url("/echo"), "--once", flag, stdin=text + "\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == text + "\n"
 
@@ -251,17 +201,17 @@ def test_bad_url_and_header() -> None:
     assert "Name: value" in result.stderr
 
 
-def test_once_timeout_without_replies(selectws_daemon: Daemon) -> None:
+def test_once_timeout_without_replies(daemon: Daemon) -> None:
     # A broadcast channel never sends a message back to its sender: nothing will come.
     started = time.monotonic()
-    result = connect(selectws_daemon.url("/broadcast/quiet"), "--once", "--timeout", "1", stdin="anyone?\n")
+    result = connect(daemon.url("/broadcast/quiet"), "--once", "--timeout", "1", stdin="anyone?\n")
     assert time.monotonic() - started < 15
     assert result.returncode == 1
     assert "timed out after 1 s: 0 of 1 replies" in result.stderr
 
 
-def test_server_going_away_is_a_clean_exit() -> None:
-    daemon = Daemon()
+def test_server_going_away_is_a_clean_exit(start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon()
     proc = subprocess.Popen(
         [sys.executable, "-m", "selectws", "connect", daemon.url("/echo"), "--keep-open"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=REPO_ROOT,
@@ -271,7 +221,7 @@ def test_server_going_away_is_a_clean_exit() -> None:
         proc.stdin.write(b"ready?\n")
         proc.stdin.flush()
         assert proc.stdout.readline() == b"ready?\n"  # connected and echoing
-        assert daemon.stop() == 0  # SIGTERM: the daemon closes every connection with 1001
+        assert daemon.terminate() == 0  # SIGTERM: the daemon closes every connection with 1001
         _, err = proc.communicate(timeout=RUN_TIMEOUT)
     finally:
         if proc.poll() is None:
@@ -281,13 +231,10 @@ def test_server_going_away_is_a_clean_exit() -> None:
     assert "connection closed by the server: 1001 (going away) server shutting down" in err.decode()
 
 
-def test_server_closing_with_an_error_code_exits_1() -> None:
-    daemon = Daemon()
-    try:
-        too_big = "x" * ((1 << 20) + 10)  # over the daemon's default max_message_size
-        result = connect(daemon.url("/echo"), "--once", "--no-compress", stdin=too_big + "\n")
-    finally:
-        daemon.stop()
+def test_server_closing_with_an_error_code_exits_1(start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon()
+    too_big = "x" * ((1 << 20) + 10)  # over the daemon's default max_message_size
+    result = connect(daemon.url("/echo"), "--once", "--no-compress", stdin=too_big + "\n")
     assert result.returncode == 1
     assert "connection closed by the server: 1009 (message too big)" in result.stderr
 

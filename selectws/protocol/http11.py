@@ -212,7 +212,7 @@ def parse_request(buf: bytes | bytearray, limits: HttpLimits = HttpLimits()) -> 
         target=target_text,
         version=(major, minor),
         headers=Headers(items),
-        path=unquote(raw_path),
+        path=unquote(raw_path) if "%" in raw_path else raw_path,
         query_string=query_string,
         query=parse_query(query_string),
         head=head,
@@ -223,6 +223,8 @@ def parse_request(buf: bytes | bytearray, limits: HttpLimits = HttpLimits()) -> 
 def parse_query(query_string: str) -> dict[str, str]:
     """Query parameters, the first value of each name."""
     query: dict[str, str] = {}
+    if not query_string:
+        return query
     for qkey, qvalue in parse_qsl(query_string, keep_blank_values=True):
         query.setdefault(qkey, qvalue)
     return query

@@ -63,22 +63,28 @@ class HttpLimits:
 class Headers:
     """Header fields in arrival order, looked up case-insensitively."""
 
-    __slots__ = ("_items",)
+    __slots__ = ("_index", "_items")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items = list(items)
+        # Lower-cased name -> values, built once: a handshake asks for half a dozen fields.
+        index: dict[str, list[str]] = {}
+        for key, value in self._items:
+            lname = key.lower()
+            values = index.get(lname)
+            if values is None:
+                index[lname] = [value]
+            else:
+                values.append(value)
+        self._index = index
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of ``name``."""
-        lname = name.lower()
-        for key, value in self._items:
-            if key.lower() == lname:
-                return value
-        return default
+        values = self._index.get(name.lower())
+        return values[0] if values else default
 
     def get_all(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [value for key, value in self._items if key.lower() == lname]
+        return list(self._index.get(name.lower(), ()))
 
     def tokens(self, name: str) -> list[str]:
         """Comma-separated tokens of every ``name`` field, lower-cased (``Connection: keep-alive, Upgrade``)."""

@@ -30,7 +30,7 @@ from selectws.protocol.errors import CloseCode
 from selectws.protocol.events import Closed
 from selectws.protocol.frames import encode_frame
 from selectws.protocol.http11 import HttpLimits
-from selectws.server.client import OPEN, Client
+from selectws.server.client import Client
 from selectws.server.loop import EventLoop
 from selectws.server.proxy import parse_networks
 from selectws.server.routing import Route, Router
@@ -314,7 +314,7 @@ class Server:
         ops_addresses = [_format_addr(listener.address) for listener in self.ops_listeners]
         self.log.info(
             "listening", addresses=addresses, routes=[f"{r.path} -> {r.plugin_name}" for r in self.router.routes],
-            inherited=bool(self._inherited), tls=self.tls_context is not None, pid=_getpid(),
+            inherited=bool(self._inherited), tls=self.tls_context is not None, pid=os.getpid(),
             ops_addresses=ops_addresses,
             ops_paths=sorted(self.ops_router.http if self.ops_listeners else self._ops_paths),
         )
@@ -534,7 +534,10 @@ class Server:
                     )
                 sent = client.send_frame(shared)
             else:
-                sent = client.send(message)  # its own compression context
+                # Its own compression context. Not client.send(): that would count the message a second time.
+                sent = ws.send_message(message)
+                if sent:
+                    client._mark_dirty()
             if sent:
                 count += 1
         self.messages_out += count
@@ -635,9 +638,7 @@ class Server:
 def _exclude_ids(exclude: Session | Iterable[Session] | None) -> frozenset[int]:
     if exclude is None:
         return frozenset()
-    if isinstance(exclude, Client):
-        return frozenset((exclude.id,))
-    if not isinstance(exclude, Iterable):
+    if not isinstance(exclude, Iterable):  # one session
         return frozenset((exclude.id,))
     return frozenset(s.id for s in exclude)
 
@@ -646,11 +647,3 @@ def _format_addr(addr: tuple[Any, ...]) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
-
-def _getpid() -> int:
-    import os
-
-    return os.getpid()
-
-
-__all__ += ["OPEN"]

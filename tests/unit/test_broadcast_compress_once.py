@@ -70,3 +70,20 @@ def test_one_compression_for_every_shareable_recipient(server: Server, monkeypat
     inflated = zlib.decompressobj(-15).decompress(frames[0][1] + b"\x00\x00\xff\xff")
     assert inflated.decode() == message
     assert _frame(plain) == (0x81, message.encode())
+
+
+def test_recipients_with_their_own_context_are_counted_once() -> None:
+    """With server context takeover each recipient compresses its own frame; messages_out still counts one each."""
+    from dataclasses import replace
+
+    config = Config()
+    config = replace(config, compression=replace(config.compression, server_no_context_takeover=False))
+    srv = Server(config)
+    try:
+        peers = [_join(srv, "permessage-deflate") for _ in range(2)]
+        assert srv.broadcast("broadcast:z", "counted once per recipient " * 10) == 2
+        srv._flush_dirty()
+        assert srv.messages_out == 2
+        assert all(_frame(p)[0] == 0xC1 for p in peers)
+    finally:
+        srv.close()

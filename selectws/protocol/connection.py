@@ -434,17 +434,22 @@ class Connection:
             return False
         code, reason = parse_close_payload(payload)
         if self.state is _OPEN:
-            # Echo the peer's code (RFC 6455 section 5.5.1); 1005 means it sent none, so neither do we.
-            self._write_frame(0x88, encode_close_payload(None if code == CloseCode.NO_STATUS else code))
-            self.close_code = code
-            self.state = _CLOSED
-            self.close_transport = True
+            self._answer_close(code)
             append(Closed(code, reason, by_peer=True))
         else:  # CLOSING: the peer answered our close; the handshake is complete.
             self.state = _CLOSED
             self.close_transport = True
             append(Closed(self.close_code or CloseCode.NORMAL, self.close_reason, by_peer=False))
         return True
+
+    def _answer_close(self, code: int) -> None:
+        """Reply to the peer's close frame and end the connection (the transport closes once this is sent)."""
+        if self.state is _OPEN:
+            # Echo the peer's code (RFC 6455 section 5.5.1); 1005 means it sent none, so neither do we.
+            self._write_frame(0x88, encode_close_payload(None if code == CloseCode.NO_STATUS else code))
+            self.close_code = code
+        self.state = _CLOSED
+        self.close_transport = True
 
     def _fail(self, code: int, reason: str) -> Closed:
         """Fail the WebSocket connection (RFC 6455 section 7.1.7): send a close frame if we have not yet."""
@@ -548,11 +553,7 @@ class Connection:
         elif self._pending_close_reply is not None:
             code = self._pending_close_reply
             self._pending_close_reply = None
-            if self.state is _OPEN:
-                self._write_frame(0x88, encode_close_payload(None if code == CloseCode.NO_STATUS else code))
-                self.close_code = code
-            self.state = _CLOSED
-            self.close_transport = True
+            self._answer_close(code)
         out = self._out
         if not out:
             return b""

@@ -1,6 +1,6 @@
 """``python -m selectws`` runs the command line."""
 
-from selectws.ops.cli import main
+from selectws.app.cli import main
 
 if __name__ == "__main__":
     main()

@@ -36,9 +36,10 @@ import struct
 from collections import deque
 from typing import Any
 
-from selectws.brokers.base import Deliver
-from selectws.ops.config import BrokerConfig, parse_redis_url
-from selectws.server.loop import EventLoop, Timer, step_tls_handshake
+from selectws.server.broker import Deliver
+from selectws.config import BrokerConfig, parse_redis_url
+from selectws.transport.loop import EventLoop, Timer
+from selectws.transport.tls import step_tls_handshake
 
 try:
     import hiredis

@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from selectws.plugins.api import Plugin
+from selectws.server.api import Plugin
 from selectws.protocol.http11 import Request
 
 __all__ = ["HttpHandler", "HttpResult", "Route", "Router", "compile_path"]

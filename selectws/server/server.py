@@ -18,24 +18,25 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from selectws.brokers.base import Broker
-from selectws.brokers.memory import MemoryBroker
-from selectws.ops.config import Config, split_host_port
-from selectws.ops.logging import flush_logs, get_logger
-from selectws.ops.sdnotify import Notifier, watchdog_interval
-from selectws.plugins.api import Plugin, Session
+from selectws.server.broker import Broker
+from selectws.server.broker import MemoryBroker
+from selectws.config import Config, split_host_port
+from selectws.transport.logs import flush_logs, get_logger
+from selectws.transport.sdnotify import Notifier, watchdog_interval
+from selectws.server.api import Plugin, Session
 from selectws.plugins.registry import find_plugin
 from selectws.protocol.deflate import PerMessageDeflate, compress_shared
 from selectws.protocol.errors import CloseCode
 from selectws.protocol.events import Closed
 from selectws.protocol.frames import encode_frame
 from selectws.protocol.http11 import HttpLimits
-from selectws.server.client import Client
-from selectws.server.loop import EventLoop
+from selectws.server.connection import Client
+from selectws.transport.loop import EventLoop
 from selectws.server.proxy import parse_networks
 from selectws.server.routing import Route, Router
 from selectws.server.static import static_handler
-from selectws.server.tls import TlsClient, build_context
+from selectws.server.tls_connection import TlsClient
+from selectws.transport.tls import build_context
 
 __all__ = ["Listener", "Server", "raise_nofile_limit"]
 
@@ -227,7 +228,7 @@ class Server:
 
     def _apply_ops(self, config: Config) -> None:
         """(Re)register /healthz and /metrics: on the WebSocket router, or on the operator listener's."""
-        from selectws.ops.health import ops_handlers
+        from selectws.server.health import ops_handlers
 
         handlers = ops_handlers(self, config.ops)
         if self._ops_listen is None:

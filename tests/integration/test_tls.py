@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from wstools import connect
 
-from selectws.ops.config import ConfigError, parse_config
+from selectws.config import ConfigError, parse_config
 
 TIMEOUT = 10.0
 MIB = 1 << 20

@@ -1,4 +1,4 @@
-"""selectws.ops.activation with real inherited descriptors.
+"""selectws.app.activation with real inherited descriptors.
 
 ``inherited_sockets()`` always looks at fd 3 and up (``SD_LISTEN_FDS_START``), which in the
 pytest process belong to something else, so every case that touches descriptors runs in a
@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from selectws.ops.activation import SD_LISTEN_FDS_START, ActivationError, inherited_sockets
+from selectws.app.activation import SD_LISTEN_FDS_START, ActivationError, inherited_sockets
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,7 +56,7 @@ for offset, fd in enumerate(parked):
     os.close(fd)
 for key, value in args["env"].items():
     os.environ[key] = str(os.getpid()) if value == "$PID" else value
-from selectws.ops.activation import ActivationError, inherited_sockets
+from selectws.app.activation import ActivationError, inherited_sockets
 env_after = None
 try:
     result = inherited_sockets(unset=args["unset"])
@@ -297,7 +297,7 @@ SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 # daemon will, accept that connection and answer it.
 SERVER = r"""
 import json, os, selectors, socket
-from selectws.ops.activation import inherited_sockets
+from selectws.app.activation import inherited_sockets
 pairs = inherited_sockets()
 assert "LISTEN_FDS" not in os.environ
 [(name, sock)] = pairs

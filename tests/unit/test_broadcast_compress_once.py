@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 import selectws.server.server as server_module
-from selectws.ops.config import Config
+from selectws.config import Config
 from selectws.protocol.handshake import build_client_request, make_key
 from selectws.server.server import Server
 

@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from selectws.client.connect import ClientError, Target, parse_header, parse_target
+from selectws.app.connect import ClientError, Target, parse_header, parse_target
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Tests for selectws.ops.config: defaults, precedence, validation errors, routes, the reference file."""
+"""Tests for selectws.config: defaults, precedence, validation errors, routes, the reference file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from selectws.ops.config import (
+from selectws.config import (
     DEFAULT_ROUTES,
     CompressionConfig,
     Config,

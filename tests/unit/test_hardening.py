@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from selectws.ops.config import ConfigError, parse_config
+from selectws.config import ConfigError, parse_config
 from selectws.plugins.api import HandshakeRequest, Reject
 from selectws.plugins.auth import require_token, token_from
 from selectws.protocol.http11 import Headers

@@ -1,4 +1,4 @@
-"""Tests for selectws.ops.logging: JSON/console output, level filtering, reconfiguration."""
+"""Tests for selectws.transport.logs: JSON/console output, level filtering, reconfiguration."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import structlog
 
-from selectws.ops.logging import configure_logging, get_logger
+from selectws.transport.logs import configure_logging, get_logger
 
 
 @pytest.fixture(autouse=True)

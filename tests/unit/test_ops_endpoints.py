@@ -1,4 +1,4 @@
-"""selectws.ops.health / selectws.ops.metrics, ``[ops]`` validation, and how the server registers the endpoints.
+"""selectws.server.health / selectws.server.metrics, ``[ops]`` validation, and how the server registers the endpoints.
 
 The servers here are constructed but never started: nothing listens, the counters are set by hand.
 """
@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from selectws.ops.config import Config, ConfigError, OpsConfig, parse_config, split_host_port
-from selectws.ops.health import healthz_handler, ops_handlers
-from selectws.ops.metrics import CONTENT_TYPE, MetricsWriter, metrics_handler, render_metrics
+from selectws.config import Config, ConfigError, OpsConfig, parse_config, split_host_port
+from selectws.server.health import healthz_handler, ops_handlers
+from selectws.server.metrics import CONTENT_TYPE, MetricsWriter, metrics_handler, render_metrics
 from selectws.protocol.http11 import Headers, Request
 from selectws.server.server import Server
 

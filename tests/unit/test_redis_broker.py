@@ -9,8 +9,8 @@ import pytest
 hiredis = pytest.importorskip("hiredis", reason="the Redis broker needs hiredis: pip install 'selectws[redis]'")
 
 from selectws.brokers.redis import RedisBroker, decode_payload, encode_command, encode_payload  # noqa: E402
-from selectws.ops.config import BrokerConfig, ConfigError, parse_config, parse_redis_url  # noqa: E402
-from selectws.server.loop import EventLoop  # noqa: E402
+from selectws.config import BrokerConfig, ConfigError, parse_config, parse_redis_url  # noqa: E402
+from selectws.transport.loop import EventLoop  # noqa: E402
 
 INSTANCE = b"\x01\x02\x03\x04\x05\x06\x07\x08"
 

@@ -1,4 +1,4 @@
-"""selectws.ops.sdnotify against a real AF_UNIX datagram socket standing in for systemd."""
+"""selectws.transport.sdnotify against a real AF_UNIX datagram socket standing in for systemd."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from selectws.ops.sdnotify import Notifier, watchdog_interval
+from selectws.transport.sdnotify import Notifier, watchdog_interval
 
 
 def _short_dir(tmp_path: Path) -> Path:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from selectws.ops.config import Config, StaticConfig
+from selectws.config import Config, StaticConfig
 from selectws.protocol.http11 import Request, build_response, parse_request
 from selectws.server import static
 from selectws.server.static import BUILTIN_DIRECTORY, StaticFiles, content_type_for, static_handler

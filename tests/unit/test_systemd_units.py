@@ -68,7 +68,7 @@ def test_service_content() -> None:
 
 
 def test_stop_timeout_exceeds_shutdown_grace() -> None:
-    from selectws.ops.config import TimeoutsConfig
+    from selectws.config import TimeoutsConfig
 
     service = _settings(SERVICE)["Service"]
     (stop,) = service["TimeoutStopSec"]

@@ -1,4 +1,4 @@
-"""selectws.server.tls.build_context: every way a certificate can fail names the key and the file."""
+"""selectws.server.tls_connection.build_context: every way a certificate can fail names the key and the file."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from selectws.ops.config import ConfigError, TlsConfig
-from selectws.server.tls import build_context
+from selectws.config import ConfigError, TlsConfig
+from selectws.transport.tls import build_context
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 

@@ -12,8 +12,8 @@ from typing import Any
 import click
 
 from selectws import __version__
-from selectws.ops.config import Config, ConfigError, load_config
-from selectws.ops.logging import configure_logging, get_logger
+from selectws.config import Config, ConfigError, load_config
+from selectws.transport.logs import configure_logging, get_logger
 from selectws.plugins.registry import find_plugin
 
 __all__ = ["main"]
@@ -54,11 +54,11 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_level
     except ConfigError as exc:
         _config_error(exc, config_path)
         return
-    # Lines are flushed once per loop iteration by the server (see selectws.ops.logging.flush_logs).
+    # Lines are flushed once per loop iteration by the server (see selectws.transport.logs.flush_logs).
     configure_logging(config.logging.level, config.logging.format, flush_each=False)
     log = get_logger("selectws")
 
-    from selectws.ops.activation import ActivationError, inherited_sockets
+    from selectws.app.activation import ActivationError, inherited_sockets
     from selectws.server.server import Server
 
     try:
@@ -67,7 +67,7 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_level
         log.error("socket activation failed", error=str(exc))
         sys.exit(1)
     if config.server.workers > 1:
-        from selectws.ops.workers import run_workers
+        from selectws.app.workers import run_workers
 
         def reload_workers() -> Config:
             new = _load(config_path, overrides)
@@ -108,7 +108,7 @@ def check_config(config_path: str) -> None:
         if config.tls.enabled:  # load the certificate and key as serve would
             import os
 
-            from selectws.server.tls import build_context
+            from selectws.transport.tls import build_context
 
             build_context(config.tls, os.path.dirname(os.path.abspath(config_path)))
     except ConfigError as exc:
@@ -119,7 +119,7 @@ def check_config(config_path: str) -> None:
 
 
 def _headers_option(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:
-    from selectws.client.connect import parse_header
+    from selectws.app.connect import parse_header
 
     try:
         return [parse_header(v) for v in values]
@@ -162,7 +162,7 @@ def connect(url: str, headers: list[tuple[str, str]], subprotocols: tuple[str, .
       echo hi | selectws connect ws://127.0.0.1:8000/echo --once
       selectws connect ws://127.0.0.1:8000/chat -H 'Authorization: Bearer x'
     """
-    from selectws.client.connect import ConnectOptions, run
+    from selectws.app.connect import ConnectOptions, run
 
     options = ConnectOptions(
         url=url, headers=headers, subprotocols=subprotocols, origin=origin, ping_interval=ping_interval,

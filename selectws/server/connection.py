@@ -23,7 +23,7 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Any
 
-from selectws.plugins.api import Accept, HandshakeRequest, Reject
+from selectws.server.api import Accept, HandshakeRequest, Reject
 from selectws.protocol.connection import Connection, State
 from selectws.protocol.errors import CloseCode, HandshakeError
 from selectws.protocol.events import Closed, Message, Pong
@@ -33,7 +33,7 @@ from selectws.protocol.http11 import Headers, Request, build_response, parse_que
 from selectws.server.proxy import client_address
 
 if TYPE_CHECKING:
-    from selectws.server.loop import Timer
+    from selectws.transport.loop import Timer
     from selectws.server.routing import Route, Router
     from selectws.server.server import Server
 

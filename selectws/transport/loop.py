@@ -16,31 +16,15 @@ import itertools
 import selectors
 import signal
 import socket
-import ssl
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-__all__ = ["EventLoop", "Handler", "Timer", "step_tls_handshake"]
+__all__ = ["EventLoop", "Handler", "Timer"]
 
 
 class Handler(Protocol):
     def handle_event(self, mask: int) -> None: ...
-
-
-def step_tls_handshake(sock: ssl.SSLSocket) -> int:
-    """Advance a non-blocking TLS handshake: 0 once it is done, else the selector event it waits for.
-
-    Errors (a bad peer, a reset) propagate as :class:`OSError` (``ssl.SSLError`` is one). Shared by the server's
-    TLS connections and the Redis broker's ``rediss://`` connection.
-    """
-    try:
-        sock.do_handshake()
-    except ssl.SSLWantReadError:
-        return selectors.EVENT_READ
-    except ssl.SSLWantWriteError:
-        return selectors.EVENT_WRITE
-    return 0
 
 
 class Timer:

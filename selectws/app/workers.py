@@ -33,10 +33,10 @@ from typing import Any
 
 import structlog
 
-from selectws.ops.config import Config, split_host_port
-from selectws.ops.logging import flush_logs, get_logger
-from selectws.ops.sdnotify import Notifier, watchdog_interval
-from selectws.server.loop import EventLoop, Timer
+from selectws.config import Config, split_host_port
+from selectws.transport.logs import flush_logs, get_logger
+from selectws.transport.sdnotify import Notifier, watchdog_interval
+from selectws.transport.loop import EventLoop, Timer
 
 __all__ = ["Supervisor", "run_workers"]
 

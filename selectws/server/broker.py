@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["Broker", "Deliver"]
+__all__ = ["Broker", "Deliver", "MemoryBroker"]
 
 #: ``deliver(group, message, exclude_ids) -> local recipients``, provided by the server.
 Deliver = Callable[[str, "str | bytes", frozenset[int]], int]
@@ -47,3 +47,32 @@ class Broker(Protocol):
     def publish(self, group: str, message: str | bytes, exclude: frozenset[int]) -> int:
         """Deliver ``message`` to ``group`` everywhere; returns the number of local recipients."""
         ...
+
+class MemoryBroker:
+    """Delivers every group message locally and at once, in publish order."""
+
+    kind = "memory"
+    up = True
+    dropped = 0
+    reconnects = 0
+
+    def __init__(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+
+    def start(self) -> None:
+        """Nothing to connect to."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+    def status(self) -> str | None:
+        return None
+
+    def subscribe(self, group: str) -> None:
+        """Nothing to do: local membership is the whole story in one process."""
+
+    def unsubscribe(self, group: str) -> None:
+        """Nothing to do."""
+
+    def publish(self, group: str, message: str | bytes, exclude: frozenset[int]) -> int:
+        return self._deliver(group, message, exclude)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from selectws.ops.metrics import metrics_handler
+from selectws.server.metrics import metrics_handler
 from selectws.protocol.http11 import Request
 
 if TYPE_CHECKING:
-    from selectws.ops.config import OpsConfig
+    from selectws.config import OpsConfig
     from selectws.server.routing import HttpHandler, HttpResult
     from selectws.server.server import Server
 

@@ -263,7 +263,7 @@ class TimeoutsConfig:
 
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
-    """Structured logging; see :mod:`selectws.ops.logging`."""
+    """Structured logging; see :mod:`selectws.transport.logs`."""
 
     level: str = _choice("info", "debug", "info", "warning", "error")
     """Minimum level emitted; stored lower-case."""

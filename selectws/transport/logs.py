@@ -28,7 +28,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 __all__ = ["FORMATS", "LEVELS", "configure_logging", "flush_logs", "get_logger"]
 
 LEVELS: Final[tuple[str, ...]] = ("debug", "info", "warning", "error")
-"""Accepted level names (the same set :class:`selectws.ops.config.LoggingConfig` allows)."""
+"""Accepted level names (the same set :class:`selectws.config.LoggingConfig` allows)."""
 FORMATS: Final[tuple[str, ...]] = ("auto", "console", "json")
 """Accepted output formats."""
 

@@ -1,1 +1,0 @@
-"""Operations: configuration, logging, command line and service integration."""

@@ -15,6 +15,17 @@ Design choices, each for a reason:
   the fragment containing it is complete, not at the end of the message.
 * A violation fails the connection as section 7.1.7 says: the close frame with the right code is queued and
   ``close_transport`` is set, so the driver closes TCP as soon as the frame is written, without waiting.
+* The connection is the only writer of its own state, and every transition happens inside the call that causes
+  it (:meth:`receive_data`, :meth:`receive_eof`, :meth:`close`, :meth:`fail`, :meth:`abort`, and the handshake
+  methods of the role subclasses in :mod:`selectws.protocol.handshake`); :meth:`data_to_send` only hands out
+  bytes. When a close frame or a violation follows data messages in one read, :meth:`receive_data` returns the
+  messages and holds the rest back (``events_held``), so that replies to those messages go out before our close
+  frame; the driver handles the events, then calls ``receive_data(b"")`` for the rest.
+* Once CLOSED, the connection drops everything it no longer needs (the inflater and deflater, partial messages,
+  the input buffer) at once, so a closed connection holds only the bytes still to send.
+
+The driver's rule is one: after any call into the connection, if ``has_output``, arrange for ``data_to_send()``
+to be written; once it is written and ``close_transport`` is set, close the transport.
 """
 
 from __future__ import annotations
@@ -42,8 +53,9 @@ CLIENT = Role.CLIENT
 
 
 class State(Enum):
-    """Connection states after the opening handshake (the handshake itself lives in :mod:`handshake`)."""
+    """Connection states. CONNECTING only exists in the role subclasses of :mod:`selectws.protocol.handshake`."""
 
+    CONNECTING = "connecting"  # the opening handshake is in progress
     OPEN = "open"
     CLOSING = "closing"  # we sent a close frame and wait for the peer's
     CLOSED = "closed"  # the close handshake is over or the connection failed: close the transport
@@ -65,6 +77,7 @@ _NO_CHUNKS: list[bytes] = []  # shared placeholder, never appended to (a fragmen
 _TEXT_HEADERS = [bytes((0x81, n)) for n in range(126)]
 _BINARY_HEADERS = [bytes((0x82, n)) for n in range(126)]
 _ZEROS = [bytes(n) for n in range(15)]  # key filler over frame headers (2 to 14 bytes, less the overshoot)
+_CONNECTING = State.CONNECTING
 _OPEN = State.OPEN
 _CLOSING = State.CLOSING
 _CLOSED = State.CLOSED
@@ -82,12 +95,11 @@ class Connection:
         "_frag_decoder",
         "_frag_opcode",
         "_frag_size",
+        "_held",
         "_mask_source",
         "_out",
         "_partial_checked",
         "_partial_decoder",
-        "_pending_close_reply",
-        "_pending_fail",
         "_plain",
         "close_code",
         "close_reason",
@@ -102,13 +114,14 @@ class Connection:
         self,
         role: Role = SERVER,
         *,
+        state: State = _OPEN,
         max_message_size: int = 1 << 20,
         max_frame_size: int | None = None,
         extension: Extension | None = None,
         mask_source: Callable[[], bytes] | None = None,
     ) -> None:
         self.role = role
-        self.state = _OPEN
+        self.state = state
         self.max_message_size = max_message_size
         self.max_frame_size = max_message_size if max_frame_size is None else max_frame_size
         self._deflate = extension
@@ -129,11 +142,10 @@ class Connection:
         # Fail-fast UTF-8 inside one text frame still arriving: how much of its payload is already checked.
         self._partial_checked = 0
         self._partial_decoder: codecs.IncrementalDecoder | None = None
-        # A violation found after good frames in the same batch: failed once their answers are queued.
-        # What to do at the next data_to_send(), once the driver has acted on the frames before it in the same
-        # read: fail the connection (a violation), or answer the peer's close frame.
-        self._pending_fail: tuple[int, str] | None = None
-        self._pending_close_reply: int | None = None
+        # A close frame or a violation that followed data messages in one read, held back until the driver has
+        # acted on those messages: (close code, reason, error or None for the peer's close), or _RESUME when only
+        # buffered input is waiting (bytes that came with the opening handshake).
+        self._held: tuple[int, str, str | None] | None = None
         self.close_code: int | None = None  # the code of the close frame we sent, once sent
         self.close_reason = ""
         self.close_transport = False  # the driver closes TCP once data_to_send() is drained
@@ -144,9 +156,15 @@ class Connection:
         """Parse every complete frame in ``data`` (plus what an earlier call left) and return the events.
 
         ``data`` may be a view of the driver's reusable receive buffer: everything kept past this call is copied.
+        When ``events_held`` is true afterwards, call ``receive_data(b"")`` once the events are handled.
         """
-        if self.state is _CLOSED or self._pending_fail is not None or self._pending_close_reply is not None:
+        if self._held is not None:
+            return self._release_held(data)
+        state = self.state
+        if state is _CLOSED:
             return []
+        if state is _CONNECTING:
+            return self._receive_handshake(data)
         buf: bytes | bytearray
         if self._buf:
             self._buf += data
@@ -295,11 +313,12 @@ class Connection:
                             ) from None
                     elif b0 & 0x08:
                         if b0 == 0x88 and events and self.state is _OPEN:
-                            # Messages came before the close in this read: their answers go out before our close.
+                            # Messages came before the close in this read: hold it back, so that their answers
+                            # go out before our reply to it.
                             code, reason = parse_close_payload(payload)
-                            self._pending_close_reply = code
-                            append(Closed(code, reason, by_peer=True))
-                            break
+                            self._held = (code, reason, None)
+                            self._buf = b""
+                            return events
                         if self._control_frame(b0 & 0x0F, payload, append):
                             break
                     else:
@@ -314,9 +333,8 @@ class Connection:
             self._buf = b""
             if events and self.state is _OPEN:
                 # Let the driver act on the frames that came before the violation first, so that (say) the echo
-                # of a valid message still precedes our close frame; data_to_send() then fails the connection.
-                self._pending_fail = (exc.code, exc.reason)
-                append(Closed(exc.code, exc.reason, by_peer=False, error=exc.reason))
+                # of a valid message still precedes our close frame: the failure is held back.
+                self._held = (exc.code, exc.reason, exc.reason)
             else:
                 append(self._fail(exc.code, exc.reason))
             return events
@@ -331,14 +349,71 @@ class Connection:
             self._buf = b""
         return events
 
+    @property
+    def events_held(self) -> bool:
+        """Whether :meth:`receive_data` held events back: call ``receive_data(b"")`` after handling the others."""
+        return self._held is not None
+
+    def _release_held(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """The events held back by the previous :meth:`receive_data` (input after a close frame is ignored)."""
+        held = self._held
+        assert held is not None
+        self._held = None
+        if held is _RESUME:
+            return self.receive_data(data)
+        code, reason, error = held
+        if error is not None:
+            return [self._fail(code, error)]
+        self._answer_close(code)
+        return [Closed(code, reason, by_peer=True)]
+
+    def _open(self, extension: Extension | None) -> None:
+        """CONNECTING -> OPEN, with the extension the handshake agreed on (called by the role subclasses). Bytes
+        that came with the handshake are parsed by the next ``receive_data`` (``events_held`` says so)."""
+        self._deflate = extension
+        self._plain = self.role is SERVER and extension is None
+        self.state = _OPEN
+        if self._buf:
+            self._held = _RESUME
+
+    def _receive_handshake(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """The opening handshake: implemented by the role subclasses (:mod:`selectws.protocol.handshake`)."""
+        raise NotImplementedError("a Connection created in CONNECTING must be a ServerProtocol or ClientProtocol")
+
     def receive_eof(self) -> list[Event]:
         """The transport was closed by the peer. Without a completed close handshake that is a 1006."""
-        if self.state is _CLOSED or self._pending_fail is not None or self._pending_close_reply is not None:
+        if self.state is _CLOSED:
             return []
+        was_connecting = self.state is _CONNECTING
+        self._held = None
+        self._set_closed()
+        if was_connecting:
+            return []
+        return [Closed(CloseCode.ABNORMAL, "connection closed without a close frame", by_peer=True)]
+
+    def abort(self, reason: str, code: int = CloseCode.ABNORMAL) -> Closed | None:
+        """The transport is gone or is being dropped (I/O error, close timeout): CLOSED at once, with nothing
+        more to send. Returns the ``Closed`` event (``code``, 1006 unless the caller says why otherwise), or None
+        if the connection was already over (or never opened)."""
+        state = self.state
+        if state is _CLOSED:
+            return None
+        self._held = None
+        self._set_closed()
+        self._out.clear()
+        if state is _CONNECTING:
+            return None
+        return Closed(code, reason, by_peer=False)
+
+    def _set_closed(self) -> None:
+        """Enter CLOSED and let go of everything but the output still to send (zlib contexts included)."""
         self.state = _CLOSED
         self.close_transport = True
         self._buf = b""
-        return [Closed(CloseCode.ABNORMAL, "connection closed without a close frame", by_peer=True)]
+        self._deflate = None
+        self._frag_chunks = _NO_CHUNKS
+        self._frag_decoder = None
+        self._partial_decoder = None
 
     def _check_partial_text(self, buf: bytes | bytearray | memoryview, i: int, end: int) -> None:
         """Validate the part of an incomplete text frame that is already here (fail fast, RFC 6455 section 8.1).
@@ -437,8 +512,7 @@ class Connection:
             self._answer_close(code)
             append(Closed(code, reason, by_peer=True))
         else:  # CLOSING: the peer answered our close; the handshake is complete.
-            self.state = _CLOSED
-            self.close_transport = True
+            self._set_closed()
             append(Closed(self.close_code or CloseCode.NORMAL, self.close_reason, by_peer=False))
         return True
 
@@ -448,8 +522,7 @@ class Connection:
             # Echo the peer's code (RFC 6455 section 5.5.1); 1005 means it sent none, so neither do we.
             self._write_frame(0x88, encode_close_payload(None if code == CloseCode.NO_STATUS else code))
             self.close_code = code
-        self.state = _CLOSED
-        self.close_transport = True
+        self._set_closed()
 
     def _fail(self, code: int, reason: str) -> Closed:
         """Fail the WebSocket connection (RFC 6455 section 7.1.7): send a close frame if we have not yet."""
@@ -457,10 +530,7 @@ class Connection:
             self._write_frame(0x88, encode_close_payload(code, reason))
             self.close_code = code
             self.close_reason = reason
-        self.state = _CLOSED
-        self.close_transport = True
-        self._frag_chunks = _NO_CHUNKS
-        self._frag_decoder = None
+        self._set_closed()
         return Closed(code, reason, by_peer=False, error=reason)
 
     # ------------------------------------------------------------------ sending
@@ -539,21 +609,16 @@ class Connection:
         return True
 
     def fail(self, code: int, reason: str) -> Closed | None:
-        """Give up on the connection now (close timeout, server error): close frame if possible, then TCP."""
-        if self.state is _CLOSED:
+        """Give up on the connection now (keepalive timeout, server error): close frame if possible, then TCP."""
+        if self.state is _CLOSED or self.state is _CONNECTING:
             return None
-        return self._fail(code, reason)
+        self._held = None
+        closed = self._fail(code, reason)
+        closed.error = None  # the caller's decision, not a violation by the peer
+        return closed
 
     def data_to_send(self) -> bytes:
-        """Everything queued since the last call, as one buffer for one ``send``."""
-        if self._pending_fail is not None:
-            code, reason = self._pending_fail
-            self._pending_fail = None
-            self._fail(code, reason)
-        elif self._pending_close_reply is not None:
-            code = self._pending_close_reply
-            self._pending_close_reply = None
-            self._answer_close(code)
+        """Everything queued since the last call, as one buffer for one ``send``. Never changes the state."""
         out = self._out
         if not out:
             return b""
@@ -568,14 +633,13 @@ class Connection:
 
     @property
     def has_output(self) -> bool:
-        """Whether :meth:`data_to_send` has something (or a pending failure's close frame) to give."""
-        return bool(self._out) or self._pending_fail is not None or self._pending_close_reply is not None
+        """Whether :meth:`data_to_send` has something to give."""
+        return bool(self._out)
 
     @property
     def pending_output(self) -> int:
         """Bytes queued and not yet taken by :meth:`data_to_send` (computed: for metrics, not the hot path)."""
-        pending = self._pending_fail is not None or self._pending_close_reply is not None
-        return sum(len(chunk) for chunk in self._out) + pending
+        return sum(len(chunk) for chunk in self._out)
 
     def _write_message(self, opcode: int, payload: bytes | bytearray | memoryview) -> None:
         deflate = self._deflate
@@ -595,6 +659,10 @@ class Connection:
             mask = self._mask_source()
             frame = encode_header(first, n, 0x80) + mask + mask_payload(payload, mask)
             self._out.append(frame)
+
+
+#: ``_held`` when only buffered input waits (frames that came with the opening handshake).
+_RESUME: tuple[int, str, str | None] = (0, "", None)
 
 
 def _random_mask() -> bytes:

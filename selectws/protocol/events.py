@@ -5,7 +5,9 @@ They are tiny slotted classes rather than dataclasses because one is made per re
 
 from __future__ import annotations
 
-__all__ = ["Closed", "Event", "Message", "Ping", "Pong"]
+from selectws.protocol.http11 import Request, Response
+
+__all__ = ["Closed", "Event", "HandshakeFailed", "Message", "Ping", "Pong", "Request", "Response"]
 
 
 class Message:
@@ -88,4 +90,26 @@ class Closed:
     __hash__ = None  # type: ignore[assignment]
 
 
-Event = Message | Ping | Pong | Closed
+class HandshakeFailed:
+    """The opening handshake failed: a malformed request head (server role: answer it with ``reject(status,
+    reason, headers)``), or a malformed, refused or invalid response (client role: the connection is CLOSED)."""
+
+    __slots__ = ("headers", "reason", "status")
+
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers or []
+
+    def __repr__(self) -> str:
+        return f"HandshakeFailed({self.status}, {self.reason!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HandshakeFailed) and (other.status, other.reason) == (self.status, self.reason)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+#: What ``receive_data`` returns: a ``Request`` (server role) or ``Response`` (client role) ends the opening
+#: handshake's input, then messages, pings, pongs and one ``Closed``.
+Event = Message | Ping | Pong | Closed | Request | Response | HandshakeFailed

@@ -1,5 +1,15 @@
 """The WebSocket opening handshake, RFC 6455 section 4, for both roles, sans-I/O.
 
+:class:`ServerProtocol` and :class:`ClientProtocol` are the connection of :mod:`selectws.protocol.connection` in
+its two roles, starting in CONNECTING. Bytes go in with ``receive_data``; the handshake comes out as values the
+caller may inspect and change before anything is written, in the manner of python-websockets:
+
+* server: ``receive_data`` gives a :class:`Request` event (or :class:`HandshakeFailed` for a malformed head);
+  ``accept(request, ...)`` or ``reject(status, reason)`` return a :class:`Response`; ``send_response(response)``
+  queues it and moves to OPEN (101) or CLOSED (anything else);
+* client: ``connect(...)`` returns the :class:`Request`; ``send_request(request)`` queues it; ``receive_data``
+  gives the :class:`Response` and moves to OPEN, or to CLOSED with ``handshake_error`` set.
+
 The server side checks an upgrade request in the order that gives the most useful status: a plain ``GET`` on a
 WebSocket route is told to upgrade (426 with ``Upgrade: websocket``), another version is told which one we speak
 (426 with ``Sec-WebSocket-Version: 13``), a bad or missing key is a 400. The article's handshake (lifted from
@@ -12,13 +22,33 @@ import base64
 import binascii
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
+from selectws.protocol.connection import CLIENT, SERVER, Connection, State
+from selectws.protocol.deflate import (
+    DeflateSettings,
+    PerMessageDeflate,
+    accept_response,
+    client_offer,
+    negotiate_server,
+)
 from selectws.protocol.errors import HandshakeError
-from selectws.protocol.http11 import Headers, Request, Response, build_response
+from selectws.protocol.events import Event, HandshakeFailed
+from selectws.protocol.http11 import (
+    Headers,
+    HttpLimits,
+    Request,
+    Response,
+    build_response,
+    make_response,
+    parse_request,
+    parse_response,
+)
 
 __all__ = [
     "WS_GUID",
+    "ClientProtocol",
+    "ServerProtocol",
     "accept_key",
     "build_accept_response",
     "build_client_request",
@@ -90,7 +120,17 @@ def build_accept_response(
     extensions: str | None = None,
     extra_headers: Iterable[tuple[str, str]] = (),
 ) -> bytes:
-    """The ``101 Switching Protocols`` answer."""
+    """The ``101 Switching Protocols`` answer, serialized."""
+    return build_response(101, accept_headers(key, subprotocol, extensions, extra_headers), close=False)
+
+
+def accept_headers(
+    key: str,
+    subprotocol: str | None = None,
+    extensions: str | None = None,
+    extra_headers: Iterable[tuple[str, str]] = (),
+) -> list[tuple[str, str]]:
+    """The header fields of the ``101 Switching Protocols`` answer."""
     headers = [
         ("Upgrade", "websocket"),
         ("Connection", "Upgrade"),
@@ -101,7 +141,7 @@ def build_accept_response(
     if extensions:
         headers.append(("Sec-WebSocket-Extensions", extensions))
     headers.extend(extra_headers)
-    return build_response(101, headers, close=False)
+    return headers
 
 
 def build_client_request(
@@ -146,3 +186,204 @@ def check_accept_response(response: Response, key: str, subprotocols: Sequence[s
     if chosen is not None and chosen not in subprotocols:
         raise HandshakeError(400, f"server chose a subprotocol we did not offer: {chosen!r}")
     return chosen
+
+
+_S_CONNECTING = State.CONNECTING
+
+
+class ServerProtocol(Connection):
+    """The server side of one connection, from the first request byte (CONNECTING) to CLOSED."""
+
+    __slots__ = ("_agreed", "_limits")
+
+    def __init__(
+        self,
+        *,
+        http_limits: HttpLimits = HttpLimits(),
+        max_message_size: int = 1 << 20,
+        max_frame_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            SERVER, state=_S_CONNECTING, max_message_size=max_message_size, max_frame_size=max_frame_size
+        )
+        self._limits: HttpLimits | None = http_limits  # None once a request head was parsed (or refused)
+        self._agreed: PerMessageDeflate | None = None  # negotiated by accept(), in force from send_response()
+
+    def _receive_handshake(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        limits = self._limits
+        if self._buf:
+            self._buf += data
+        else:
+            self._buf = bytearray(data)
+        if limits is None:
+            # The request is in and its answer not yet sent: what follows waits for the 101 (frames), or is
+            # dropped with the connection (anything else).
+            return []
+        buf = self._buf
+        try:
+            parsed = parse_request(buf, limits)
+        except HandshakeError as exc:
+            self._limits = None
+            self._buf = b""
+            return [HandshakeFailed(exc.status, exc.reason, exc.headers)]
+        if parsed is None:
+            return []
+        request, used = parsed
+        self._limits = None
+        self._buf = bytearray(buf[used:]) if used < len(buf) else b""
+        return [request]
+
+    def accept(
+        self,
+        request: Request,
+        *,
+        subprotocol: str | None = None,
+        deflate: DeflateSettings | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> Response:
+        """The answer to ``request``: a 101 (with permessage-deflate when ``deflate`` is given and the client
+        offers it), or the 4xx that a request which is no valid upgrade deserves (RFC 6455 section 4.2.1)."""
+        try:
+            key = check_upgrade_request(request)
+            ext_header = None
+            self._agreed = None
+            if deflate is not None:
+                offers = request.headers.get_all("Sec-WebSocket-Extensions")
+                agreed = negotiate_server(offers, deflate) if offers else None
+                if agreed is not None:
+                    ext_header, params = agreed
+                    self._agreed = PerMessageDeflate(
+                        params, is_server=True, memory_level=deflate.memory_level, min_size=deflate.min_size
+                    )
+        except HandshakeError as exc:
+            return self.reject(exc.status, exc.reason, exc.headers)
+        return make_response(101, accept_headers(key, subprotocol, ext_header, headers), close=False)
+
+    def reject(self, status: int, reason: str, headers: Iterable[tuple[str, str]] = ()) -> Response:
+        """A refusal: ``status`` with ``reason`` as a plain-text body; it always ends the connection."""
+        # "close" even when the refusal carries a Connection header of its own (426 has "Connection: Upgrade").
+        fields = [
+            (k, f"{v}, close") if k.lower() == "connection" and "close" not in v.lower() else (k, v)
+            for k, v in headers
+        ]
+        return make_response(status, fields, f"{status} {reason}\n".encode())
+
+    def send_response(self, response: Response) -> None:
+        """Queue ``response``: a 101 opens the connection (frames that came with the request are then parsed by
+        ``receive_data(b"")``: see ``events_held``); any other status ends it once written."""
+        if self.state is not _S_CONNECTING:
+            raise RuntimeError(f"send_response in state {self.state.name}")
+        self._out.append(response.serialize())
+        if response.status == 101:
+            agreed, self._agreed = self._agreed, None
+            self._open(agreed)
+        else:
+            self._agreed = None
+            self._set_closed()
+
+
+class ClientProtocol(Connection):
+    """The client side of one connection: ``connect`` and ``send_request``, then frames once the 101 is in."""
+
+    __slots__ = ("_deflate_settings", "_key", "_offered", "handshake_error", "response", "subprotocol")
+
+    def __init__(
+        self,
+        *,
+        max_message_size: int = 1 << 20,
+        max_frame_size: int | None = None,
+        mask_source: Callable[[], bytes] | None = None,
+        key: str | None = None,
+    ) -> None:
+        super().__init__(
+            CLIENT, state=_S_CONNECTING, max_message_size=max_message_size, max_frame_size=max_frame_size,
+            mask_source=mask_source,
+        )
+        self._key = key or make_key()
+        self._offered: Sequence[str] = ()
+        self._deflate_settings: DeflateSettings | None = None
+        self.handshake_error: HandshakeError | None = None
+        self.response: Response | None = None
+        self.subprotocol: str | None = None
+
+    def connect(
+        self,
+        host: str,
+        target: str,
+        *,
+        subprotocols: Sequence[str] = (),
+        deflate: DeflateSettings | None = None,
+        origin: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> Request:
+        """The upgrade request for ``target`` on ``host`` (a value: add fields before :meth:`send_request`)."""
+        self._offered = tuple(subprotocols)
+        self._deflate_settings = deflate
+        fields = [
+            ("Host", host),
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", self._key),
+            ("Sec-WebSocket-Version", "13"),
+        ]
+        if subprotocols:
+            fields.append(("Sec-WebSocket-Protocol", ", ".join(subprotocols)))
+        if deflate is not None:
+            fields.append(("Sec-WebSocket-Extensions", client_offer(deflate)))
+        if origin:
+            fields.append(("Origin", origin))
+        fields.extend(headers)
+        return Request("GET", target, (1, 1), Headers(fields), path=target.partition("?")[0])
+
+    def send_request(self, request: Request) -> None:
+        if self.state is not _S_CONNECTING:
+            raise RuntimeError(f"send_request in state {self.state.name}")
+        self._out.append(request.serialize())
+
+    def _receive_handshake(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        if self._buf:
+            self._buf += data
+        else:
+            self._buf = bytearray(data)
+        buf = self._buf
+        try:
+            parsed = parse_response(buf)
+        except HandshakeError as exc:
+            return [self._handshake_failed(exc)]
+        if parsed is None:
+            return []
+        response, used = parsed
+        rest = bytes(buf[used:])
+        self._buf = b""
+        self.response = response
+        try:
+            if response.status != 101:
+                response.body = rest
+                raise HandshakeError(response.status, f"server answered {response.status} {response.reason}".strip())
+            self.subprotocol = check_accept_response(response, self._key, self._offered)
+            extension = None
+            settings = self._deflate_settings
+            values = response.headers.get_all("Sec-WebSocket-Extensions")
+            if values:
+                if settings is None:
+                    raise HandshakeError(400, "server accepted an extension that was not offered")
+                params = accept_response(values, settings)
+                if params is not None:
+                    extension = PerMessageDeflate(
+                        params, is_server=False, memory_level=settings.memory_level, min_size=settings.min_size
+                    )
+        except HandshakeError as exc:
+            self.handshake_error = exc
+            self._set_closed()
+            return [response]
+        self._open(extension)
+        events: list[Event] = [response]
+        if rest:
+            events += self.receive_data(rest)
+        return events
+
+    def _handshake_failed(self, exc: HandshakeError) -> HandshakeFailed:
+        self.handshake_error = exc
+        self._set_closed()
+        return HandshakeFailed(exc.status, exc.reason, exc.headers)
+

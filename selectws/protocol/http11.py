@@ -21,6 +21,7 @@ __all__ = [
     "Request",
     "Response",
     "build_response",
+    "make_response",
     "parse_request",
     "parse_response",
 ]
@@ -90,6 +91,11 @@ class Headers:
         """Comma-separated tokens of every ``name`` field, lower-cased (``Connection: keep-alive, Upgrade``)."""
         return [t.strip().lower() for value in self.get_all(name) for t in value.split(",") if t.strip()]
 
+    def add(self, name: str, value: str) -> None:
+        """Append a field (a response value may be changed this way before it is sent)."""
+        self._items.append((name, value))
+        self._index.setdefault(name.lower(), []).append(value)
+
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.get(name) is not None
 
@@ -137,15 +143,29 @@ class Request:
     query: dict[str, str] = field(default_factory=dict)
     head: bytes = b""  # the request head as received, without the final blank line
 
+    def serialize(self) -> bytes:
+        """The request head as written on the wire (client role)."""
+        lines = [f"{self.method} {self.target} HTTP/{self.version[0]}.{self.version[1]}"]
+        lines.extend(f"{k}: {v}" for k, v in self.headers)
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
 
 @dataclass(slots=True)
 class Response:
-    """A parsed response head (client role)."""
+    """An HTTP response: a value to inspect or change before :meth:`serialize` (server role), or a parsed response
+    head (client role, where ``body`` is empty)."""
 
     status: int
     reason: str
     version: tuple[int, int]
     headers: Headers
+    body: bytes = b""
+
+    def serialize(self) -> bytes:
+        """The response as written on the wire: status line, the fields as they are, blank line, body."""
+        lines = [f"HTTP/{self.version[0]}.{self.version[1]} {self.status} {self.reason}"]
+        lines.extend(f"{k}: {v}" for k, v in self.headers)
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
 
 
 def _find_head_end(buf: bytes | bytearray, limit: int) -> int:
@@ -259,6 +279,31 @@ def parse_response(buf: bytes | bytearray, max_bytes: int = 65536) -> tuple[Resp
     return Response(int(parts[1]), reason, version, Headers(items)), end + 4
 
 
+def make_response(
+    status: int,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+    *,
+    content_type: str | None = "text/plain; charset=utf-8",
+    close: bool = True,
+    head_only: bool = False,
+) -> Response:
+    """A complete HTTP/1.1 response value: ``Content-Type``, ``Content-Length`` and ``Connection: close`` are
+    added unless given (not on a 101); ``head_only`` answers a HEAD (the length of the body, no body)."""
+    extra = list(headers)
+    names = {k.lower() for k, _ in extra}
+    fields: list[tuple[str, str]] = []
+    if status != 101:
+        if content_type and "content-type" not in names and (body or status >= 400):
+            fields.append(("Content-Type", content_type))
+        if "content-length" not in names:
+            fields.append(("Content-Length", str(len(body))))
+        if close and "connection" not in names:
+            fields.append(("Connection", "close"))
+    fields.extend(extra)
+    return Response(status, REASONS.get(status, "Unknown"), (1, 1), Headers(fields), b"" if head_only else body)
+
+
 def build_response(
     status: int,
     headers: Iterable[tuple[str, str]] = (),
@@ -268,17 +313,7 @@ def build_response(
     close: bool = True,
     head_only: bool = False,
 ) -> bytes:
-    """A complete HTTP/1.1 response. Error answers always carry ``Connection: close``."""
-    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}"]
-    extra = list(headers)
-    names = {k.lower() for k, _ in extra}
-    if status != 101:
-        if content_type and "content-type" not in names and (body or status >= 400):
-            lines.append(f"Content-Type: {content_type}")
-        if "content-length" not in names:
-            lines.append(f"Content-Length: {len(body)}")
-        if close and "connection" not in names:
-            lines.append("Connection: close")
-    lines.extend(f"{k}: {v}" for k, v in extra)
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head if head_only else head + body
+    """:func:`make_response`, serialized: every HTTP answer of the daemon is built by these two."""
+    return make_response(
+        status, headers, body, content_type=content_type, close=close, head_only=head_only
+    ).serialize()

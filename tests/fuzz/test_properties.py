@@ -75,6 +75,9 @@ def feed(conn: Connection, chunks: list[bytes]) -> tuple[list[Event], bytes]:
     for chunk in chunks:
         new = conn.receive_data(chunk)
         assert isinstance(new, list)
+        while conn.events_held:  # the driver rule: handle the events, then take what was held back
+            assert not any(isinstance(e, Closed) for e in new), "Closed returned while events are held"
+            new += conn.receive_data(b"")
         if any(isinstance(e, Closed) for e in events):
             assert new == [], f"events after Closed: {new!r}"
         events.extend(new)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 import pytest
 
 from selectws.protocol.connection import CLIENT, SERVER, Connection, State
+from selectws.protocol.deflate import DeflateParams, PerMessageDeflate
 from selectws.protocol.events import Closed, Event, Message, Ping, Pong
 
 MASK = b"\x37\xfa\x21\x3d"  # RFC 6455 section 5.7
@@ -97,6 +98,14 @@ def unmask_frames(data: bytes) -> list[tuple[int, bytes, bytes | None]]:
         pos += n
         out.append((b0, xor(payload, mask) if mask else payload, mask))
     return out
+
+
+def receive_all(conn: Connection, data: bytes) -> list[Event]:
+    """``receive_data`` as a driver calls it: then ``receive_data(b"")`` while events are held back."""
+    events = conn.receive_data(data)
+    while conn.events_held:
+        events += conn.receive_data(b"")
+    return events
 
 
 def assert_failed(conn: Connection, events: list[Event], code: int, *, frame_sent: bool = True) -> Closed:
@@ -181,7 +190,7 @@ class TestSection5_1Masking:
 
     def test_unmasked_frame_after_good_ones(self) -> None:
         conn = server()
-        events = conn.receive_data(frame(TEXT, b"ok") + sframe(TEXT, b"bad"))
+        events = receive_all(conn, frame(TEXT, b"ok") + sframe(TEXT, b"bad"))
         assert events[0] == Message("ok")
         assert len(events) == 2
         assert_failed(conn, events, 1002)
@@ -483,7 +492,7 @@ class TestSection5_4Fragmentation:
 
     def test_continuation_after_finished_message(self) -> None:
         conn = server()
-        events = conn.receive_data(frame(TEXT, b"a", fin=False) + frame(CONT, b"b") + frame(CONT, b"c"))
+        events = receive_all(conn, frame(TEXT, b"a", fin=False) + frame(CONT, b"b") + frame(CONT, b"c"))
         assert events[0] == Message("ab")
         assert len(events) == 2
         assert_failed(conn, events, 1002)
@@ -924,21 +933,26 @@ class TestSection7_1Closing:
         assert conn.state is State.CLOSED
         assert_failed(conn, events, 1002)
 
-    def test_failure_after_good_frames_is_completed_by_data_to_send(self) -> None:
+    def test_failure_after_good_frames_is_held_until_they_are_answered(self) -> None:
         # The frames before the violation are answered first: their echo precedes the close frame on the wire.
         conn = server()
         events = conn.receive_data(frame(TEXT, b"echo me") + frame(PING, b"p") + frame(CONT, b"bad"))
-        assert events[:2] == [Message("echo me"), Ping(b"p")]
-        closed = events[2]
+        assert events == [Message("echo me"), Ping(b"p")]
+        assert conn.events_held is True
+        assert conn.state is State.OPEN  # nothing has failed yet as far as the driver can see
+        assert conn.data_to_send() == b"\x8a\x01p"  # the pong; data_to_send changes no state
+        assert conn.state is State.OPEN
+        assert conn.send_text("echo me") is True
+        [closed] = conn.receive_data(b"")
+        assert conn.events_held is False
         assert isinstance(closed, Closed)
         assert (closed.code, closed.by_peer, closed.error) == (1002, False, closed.reason)
-        assert conn.pending_output > 0
-        assert conn.send_text("echo me") is True
+        assert conn.state is State.CLOSED  # the transition happened in the call that returned Closed
         assert conn.receive_data(frame(TEXT, b"more")) == []
         assert conn.receive_eof() == []
         reason = closed.reason.encode()
         assert conn.data_to_send() == (
-            b"\x8a\x01p" + b"\x81\x07echo me" + b"\x88" + bytes((2 + len(reason),)) + b"\x03\xea" + reason
+            b"\x81\x07echo me" + b"\x88" + bytes((2 + len(reason),)) + b"\x03\xea" + reason
         )
         assert conn.state is State.CLOSED
         assert conn.close_transport is True
@@ -950,12 +964,29 @@ class TestSection7_1Closing:
     def test_fail_method(self) -> None:
         conn = server()
         closed = conn.fail(1011, "oops")
-        assert closed == Closed(1011, "oops", by_peer=False, error="oops")
+        assert closed == Closed(1011, "oops", by_peer=False)  # the caller's decision: no protocol error
         assert conn.data_to_send() == b"\x88\x06\x03\xf3oops"
         assert conn.close_transport is True
         assert conn.state is State.CLOSED
         assert conn.fail(1011, "again") is None
         assert conn.data_to_send() == b""
+
+    def test_abort_closes_at_once_and_drops_pending_output(self) -> None:
+        conn = server()
+        assert conn.send_text("never sent") is True
+        closed = conn.abort("send failed: broken pipe")
+        assert closed == Closed(1006, "send failed: broken pipe", by_peer=False)
+        assert conn.state is State.CLOSED and conn.close_transport is True
+        assert conn.data_to_send() == b""
+        assert conn.abort("again") is None
+        assert conn.receive_eof() == []
+
+    def test_closed_connection_lets_go_of_its_inflater(self) -> None:
+        conn = server(extension=PerMessageDeflate(DeflateParams(False, False, 15, 15), is_server=True))
+        assert conn.extension is not None
+        conn.receive_data(frame(CLOSE, close_payload(1000)))
+        assert conn.state is State.CLOSED
+        assert conn.extension is None  # the zlib contexts go with it, not when the driver forgets the connection
 
     def test_fail_while_closing_sends_no_second_close(self) -> None:
         conn = server()
@@ -977,7 +1008,10 @@ class TestSection7_1Closing:
             + sframe(TEXT, b"garbage")
             + b"\xff\xff"
         )
-        assert conn.receive_data(data) == [Message("before"), Closed(1000, "done", by_peer=True)]
+        assert conn.receive_data(data) == [Message("before")]
+        assert conn.events_held and conn.state is State.OPEN
+        assert conn.receive_data(b"") == [Closed(1000, "done", by_peer=True)]
+        assert conn.state is State.CLOSED
         assert conn.data_to_send() == b"\x88\x02\x03\xe8"  # no pong, no error close
         assert conn.receive_data(frame(TEXT, b"later")) == []
         assert conn.receive_eof() == []

@@ -189,6 +189,7 @@ def check_accept_response(response: Response, key: str, subprotocols: Sequence[s
 
 
 _S_CONNECTING = State.CONNECTING
+_DEFAULT_LIMITS = HttpLimits()
 
 
 class ServerProtocol(Connection):
@@ -199,7 +200,7 @@ class ServerProtocol(Connection):
     def __init__(
         self,
         *,
-        http_limits: HttpLimits = HttpLimits(),
+        http_limits: HttpLimits = _DEFAULT_LIMITS,
         max_message_size: int = 1 << 20,
         max_frame_size: int | None = None,
     ) -> None:

@@ -9,9 +9,12 @@ broker never sees a connection.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
-__all__ = ["Broker", "Deliver", "MemoryBroker"]
+from selectws.server.stats import BrokerStats
+from selectws.transport.loop import EventLoop
+
+__all__ = ["Broker", "BrokerFactory", "Deliver", "MemoryBroker"]
 
 #: ``deliver(group, message, exclude_ids) -> local recipients``, provided by the server.
 Deliver = Callable[[str, "str | bytes", frozenset[int]], int]
@@ -48,6 +51,14 @@ class Broker(Protocol):
         """Deliver ``message`` to ``group`` everywhere; returns the number of local recipients."""
         ...
 
+    def stats(self) -> BrokerStats:
+        """Its counters and state, for /metrics and /healthz."""
+        ...
+
+
+#: What the application hands the server to build its broker: ``factory(loop, deliver, log)``.
+BrokerFactory = Callable[["EventLoop", Deliver, Any], Broker]
+
 class MemoryBroker:
     """Delivers every group message locally and at once, in publish order."""
 
@@ -76,3 +87,6 @@ class MemoryBroker:
 
     def publish(self, group: str, message: str | bytes, exclude: frozenset[int]) -> int:
         return self._deliver(group, message, exclude)
+
+    def stats(self) -> BrokerStats:
+        return BrokerStats(kind=self.kind, up=True, status=None, dropped=0, reconnects=0)

@@ -1,19 +1,23 @@
-"""One accepted TCP connection: the glue between its socket and the sans-I/O core.
+"""One accepted TCP connection: thin glue between its socket and its :class:`ServerProtocol`.
 
-A :class:`Client` walks through four phases:
+A :class:`ServerConnection` walks through four phases (:class:`Phase`):
 
-``HANDSHAKE``  reading an HTTP request head (bounded, under the handshake timeout);
-``OPEN``       a WebSocket connection: bytes go to :class:`selectws.protocol.connection.Connection`, events to the
-               plugin, output is coalesced and written once per loop iteration;
+``HANDSHAKE``  the protocol object reads an HTTP request head (bounded, under the handshake timeout); the answer
+               is decided from values by :func:`selectws.server.handshake.answer_request`;
+``OPEN``       a WebSocket connection: bytes go to the protocol object, events to the plugin, output is coalesced
+               and written once per loop iteration;
 ``DRAINING``   our side is done: a FIN went out after the last queued byte, input is discarded until the peer
                closes or a short linger expires (closing a socket with unread input would send a RST that can
                destroy the close frame or HTTP answer still in flight);
 ``CLOSED``     the socket is closed and the object forgotten.
 
-(The WebSocket "closing" state is the core's ``State.CLOSING`` inside the ``OPEN`` phase.)
+The WebSocket state itself (CONNECTING, OPEN, CLOSING, CLOSED) belongs to the protocol object alone: this module
+reads it and never writes it. The one driver rule: after any call into the protocol object, if it has output, the
+connection goes on the server's flush list (once); the flush writes ``data_to_send()``, and once the protocol
+says ``close_transport`` and everything is written, the transport is shut down.
 
-The class is also the plugins' :class:`selectws.plugins.api.Session`, so an idle connection costs one object,
-its socket, its selector key, one timer and the core's state: that is what keeps 10,000 idle connections small.
+Plugins never see this object: they get its :class:`PluginSession`, which exposes the plugin API and nothing of
+the transport.
 """
 
 from __future__ import annotations
@@ -21,26 +25,44 @@ from __future__ import annotations
 import selectors
 import socket
 import struct
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from selectws.server.api import Accept, HandshakeRequest, Reject
-from selectws.protocol.connection import Connection, State
-from selectws.protocol.errors import CloseCode, HandshakeError
-from selectws.protocol.events import Closed, Message, Pong
-from selectws.protocol.frames import encode_frame
-from selectws.protocol.handshake import build_accept_response, check_upgrade_request, choose_subprotocol
-from selectws.protocol.http11 import Headers, Request, build_response, parse_query, parse_request
-from selectws.server.proxy import client_address
+from selectws.protocol.connection import State
+from selectws.protocol.errors import CloseCode
+from selectws.protocol.events import Closed, HandshakeFailed, Message, Pong, Request
+from selectws.protocol.handshake import ServerProtocol
+from selectws.protocol.http11 import Headers, parse_query
+from selectws.server.handshake import answer_request
+from selectws.transport.loop import Timer
 
-if TYPE_CHECKING:
-    from selectws.transport.loop import Timer
+if TYPE_CHECKING:  # annotations only: server.py imports this module
     from selectws.server.routing import Route, Router
     from selectws.server.server import Server
 
-__all__ = ["Client"]
+__all__ = ["Phase", "PluginSession", "ServerConnection"]
 
-HANDSHAKE, OPEN, DRAINING, CLOSED = 0, 1, 2, 3
-_T_IDLE, _T_CLOSE, _T_LINGER = 0, 1, 2  # what the connection's one timer is for (handshake timeout: _T_IDLE)
+
+class Phase(Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+HANDSHAKE, OPEN, DRAINING, CLOSED = Phase.HANDSHAKE, Phase.OPEN, Phase.DRAINING, Phase.CLOSED
+_S_OPEN = State.OPEN
+_S_CLOSING = State.CLOSING
+_S_CLOSED = State.CLOSED
+
+
+class _TimerKind(Enum):
+    IDLE = "idle"  # handshake timeout, then keepalive
+    CLOSE = "close"  # waiting for the peer's close frame
+    LINGER = "linger"  # waiting for the peer's FIN after ours
+
+
+_T_IDLE, _T_CLOSE, _T_LINGER = _TimerKind.IDLE, _TimerKind.CLOSE, _TimerKind.LINGER
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
 _LINGER = 2.0  # seconds to wait for the peer's FIN after ours
@@ -48,75 +70,30 @@ _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets and
 _EMPTY_HEADERS = Headers()
 
 
-class Client:
-    """A TCP connection from accept to close; a :class:`Session` for plugins once the upgrade is done."""
+class PluginSession:
+    """One open WebSocket connection as a plugin sees it (:class:`selectws.server.api.Session`).
 
-    __slots__ = (
-        "_awaiting_pong",
-        "_dirty",
-        "_events",
-        "_groups",
-        "_head",
-        "_inbuf",
-        "_paused",
-        "_plugin_failed",
-        "_state",
-        "_timer",
-        "_timer_kind",
-        "_wbuf",
-        "bytes_in",
-        "bytes_out",
-        "id",
-        "last_seen",
-        "opened_at",
-        "params",
-        "path",
-        "phase",
-        "remote",
-        "route",
-        "router",
-        "server",
-        "sock",
-        "subprotocol",
-        "ws",
-    )
+    It holds the connection's identity and plugin state, and sends through the protocol object; the socket, the
+    buffers and the timers stay out of reach.
+    """
 
-    #: What a non-blocking recv/send raises for "not now" (TlsClient adds TLS's want-read / want-write).
-    _would_block: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
+    __slots__ = ("_conn", "_groups", "_head", "_state", "_ws", "id", "params", "path", "remote", "subprotocol")
 
     def __init__(
-        self, server: Server, sock: socket.socket, remote: tuple[str, int], client_id: int, router: Router | None = None
+        self, conn: ServerConnection, ws: ServerProtocol, head: bytes, params: dict[str, str],
+        subprotocol: str | None,
     ) -> None:
-        self.server = server
-        self.router = router  # None: the server's current router (the operator listener passes its own)
-        self.sock: socket.socket | None = sock
-        self.remote = remote
-        self.id = client_id
-        self.phase = HANDSHAKE
-        self.ws: Connection | None = None
-        self.route: Route | None = None
-        self.path = ""
-        self.params: dict[str, str] = {}
-        self._head = b""  # the upgrade request head; headers and query are read from it on demand
-        self.subprotocol: str | None = None
-        self._inbuf: bytes | bytearray = b""
-        self._wbuf: bytes | bytearray = b""  # a bytearray only while something waits to be written
-        self._events = _READ
-        self._paused = False
-        self._dirty = False
-        self._groups: set[str] | None = None
+        self._conn = conn
+        self._ws = ws
+        self._head = head  # the upgrade request head; headers and query are read from it on demand
         self._state: dict[str, Any] | None = None
-        self._awaiting_pong = 0.0
-        self._plugin_failed = False
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.opened_at = server.loop.now
-        self.last_seen = self.opened_at
-        self._timer: Timer | None = None
-        self._timer_kind = _T_IDLE
-        self._set_timer(server.config.timeouts.handshake, _T_IDLE)
+        self._groups: set[str] | None = None
+        self.id = conn.id
+        self.path = conn.path
+        self.remote = conn.remote
+        self.params = params
+        self.subprotocol = subprotocol
 
-    # ================================================================== Session API (for plugins)
     @property
     def headers(self) -> Headers:
         return Headers.from_head(self._head) if self._head else _EMPTY_HEADERS
@@ -139,28 +116,30 @@ class Client:
 
     @property
     def open(self) -> bool:
-        return self.phase == OPEN and self.ws is not None and self.ws.state is State.OPEN
+        return self._ws.state is _S_OPEN and self._conn.phase is OPEN
 
     # send_text / send_bytes repeat their few lines on purpose: they run once per message, and a shared helper
-    # would add a call to the hot path.
+    # would add a call to the hot path. A True from the protocol object means it has output (the driver rule).
     def send_text(self, text: str) -> bool:
-        ws = self.ws
-        if ws is None or not ws.send_text(text):
+        if not self._ws.send_text(text):
             return False
-        self.server.messages_out += 1
-        if not self._dirty:
-            self._dirty = True
-            self.server.dirty.append(self)
+        conn = self._conn
+        server = conn.server
+        server.counters.messages_out += 1
+        if not conn.dirty:
+            conn.dirty = True
+            server.dirty.append(conn)
         return True
 
     def send_bytes(self, data: bytes | bytearray | memoryview) -> bool:
-        ws = self.ws
-        if ws is None or not ws.send_binary(data):
+        if not self._ws.send_binary(data):
             return False
-        self.server.messages_out += 1
-        if not self._dirty:
-            self._dirty = True
-            self.server.dirty.append(self)
+        conn = self._conn
+        server = conn.server
+        server.counters.messages_out += 1
+        if not conn.dirty:
+            conn.dirty = True
+            server.dirty.append(conn)
         return True
 
     def send(self, message: str | bytes) -> bool:
@@ -168,30 +147,110 @@ class Client:
             return self.send_text(message)
         return self.send_bytes(message)
 
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        self._conn.close(code, reason)
+
+    def join(self, group: str) -> None:
+        self._conn.server.join(self, group)
+
+    def leave(self, group: str) -> None:
+        self._conn.server.leave(self, group)
+
+    def __repr__(self) -> str:
+        return f"<Session #{self.id} {self.remote[0]}:{self.remote[1]} {self.path}>"
+
+
+class ServerConnection:
+    """A TCP connection from accept to close, driving one :class:`ServerProtocol`."""
+
+    __slots__ = (
+        "_awaiting_pong",
+        "_events",
+        "_paused",
+        "_plugin_failed",
+        "_timer",
+        "_timer_kind",
+        "_wbuf",
+        "bytes_in",
+        "bytes_out",
+        "dirty",
+        "id",
+        "last_seen",
+        "opened_at",
+        "path",
+        "phase",
+        "remote",
+        "route",
+        "router",
+        "server",
+        "session",
+        "sock",
+        "ws",
+    )
+
+    #: What a non-blocking recv/send raises for "not now" (the TLS subclass adds TLS's want-read / want-write).
+    _would_block: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
+
+    def __init__(
+        self, server: Server, sock: socket.socket, remote: tuple[str, int], conn_id: int, router: Router | None = None
+    ) -> None:
+        self.server = server
+        self.router = router  # None: the server's current router (the operator listener passes its own)
+        self.sock: socket.socket | None = sock
+        self.remote = remote
+        self.id = conn_id
+        self.phase = HANDSHAKE
+        limits = server.config.limits
+        self.ws = ServerProtocol(
+            http_limits=server.http_limits, max_message_size=limits.max_message_size,
+            max_frame_size=limits.max_frame_size,
+        )
+        self.session: PluginSession | None = None
+        self.route: Route | None = None
+        self.path = ""
+        self._wbuf: bytes | bytearray = b""  # a bytearray only while something waits to be written
+        self._events = _READ
+        self._paused = False
+        self.dirty = False  # on the server's flush list
+        self._awaiting_pong = 0.0
+        self._plugin_failed = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.opened_at = server.loop.now
+        self.last_seen = self.opened_at
+        self._timer: Timer | None = None
+        self._timer_kind = _T_IDLE
+        self._set_timer(server.config.timeouts.handshake, _T_IDLE)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes accepted for this peer and not yet written to its socket."""
+        return len(self._wbuf) + self.ws.pending_output
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Start the closing handshake (plugins, server shutdown)."""
+        if self.ws.close(code, reason):
+            self._start_close_timer()
+            self._flush_later()
+
     def send_frame(self, frame: bytes) -> bool:
         """Queue a frame encoded once for many recipients (broadcast)."""
-        ws = self.ws
-        if ws is None or not ws.send_frame_bytes(frame):
+        if not self.ws.send_frame_bytes(frame):
             return False
-        if not self._dirty:
-            self._dirty = True
+        if not self.dirty:
+            self.dirty = True
             self.server.dirty.append(self)
         return True
 
-    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        ws = self.ws
-        if ws is not None and ws.close(code, reason):
-            self._start_close_timer()
-            self._mark_dirty()
-
-    def join(self, group: str) -> None:
-        self.server.join(self, group)
-
-    def leave(self, group: str) -> None:
-        self.server.leave(self, group)
+    def send_message(self, message: str | bytes) -> bool:
+        """Queue ``message`` through this connection's own compression context (broadcast, uncounted)."""
+        if not self.ws.send_message(message):
+            return False
+        self._flush_later()
+        return True
 
     def __repr__(self) -> str:
-        return f"<Client #{self.id} {self.remote[0]}:{self.remote[1]} {self.path or '-'}>"
+        return f"<ServerConnection #{self.id} {self.remote[0]}:{self.remote[1]} {self.path or '-'}>"
 
     # ================================================================== selector callbacks
     def handle_event(self, mask: int) -> None:
@@ -216,19 +275,16 @@ class Client:
             return
         self.bytes_in += n
         self.last_seen = server.loop.now
-        data = server.recv_view[:n]
-        phase = self.phase
-        if phase == OPEN:
-            ws = self.ws
-            assert ws is not None
-            events = ws.receive_data(data)
-            if events:
-                self._handle_events(events)
-            if ws.has_output or ws.close_transport:
-                self._mark_dirty()
-        elif phase == HANDSHAKE:
-            self._on_handshake_data(data)
-        # DRAINING: input is discarded.
+        if self.phase is DRAINING:
+            return  # input is discarded
+        ws = self.ws
+        events = ws.receive_data(server.recv_view[:n])
+        if events:
+            self._handle_events(events)
+            while ws.events_held:
+                self._handle_events(ws.receive_data(b""))
+        if ws.has_output or ws.close_transport:
+            self._flush_later()
 
     def _on_writable(self) -> None:
         sock = self.sock
@@ -252,143 +308,81 @@ class Client:
             self._update_interest()
 
     def _on_eof(self) -> None:
-        if self.phase == OPEN and self.ws is not None:
-            events = self.ws.receive_eof()
-            if events:
-                self._handle_events(events)
+        events = self.ws.receive_eof()
+        if events:
+            self._handle_events(events)
         self._close_socket()
 
-    # ================================================================== handshake
-    def _on_handshake_data(self, data: memoryview) -> None:
-        self._inbuf += data
-        server = self.server
-        try:
-            parsed = parse_request(self._inbuf, server.http_limits)
-        except HandshakeError as exc:
-            server.log_handshake_failure(self, exc.status, exc.reason)
-            self._reject(exc.status, exc.reason, exc.headers)
-            return
-        if parsed is None:
-            return
-        request, used = parsed
-        rest = bytes(self._inbuf[used:])
-        self._inbuf = b""
-        try:
-            self._handle_request(request, rest)
-        except HandshakeError as exc:
-            server.log_handshake_failure(self, exc.status, exc.reason, request.path)
-            self._reject(exc.status, exc.reason, exc.headers)
-
-    def _handle_request(self, request: Request, rest: bytes) -> None:
-        server = self.server
-        self.path = request.path
-        if server.trusted_proxies:  # behind a reverse proxy we trust: the client's address from its headers
-            self.remote = client_address(self.remote, request.headers, server.trusted_proxies)
-        router = server.router if self.router is None else self.router
-        matched = router.match(request.path)
-        if matched is None:
-            handler = router.http_handler(request.path)
-            if handler is None:
-                raise HandshakeError(404, f"no route for {request.path}")
-            if request.method not in ("GET", "HEAD"):
-                raise HandshakeError(405, f"method {request.method} not allowed", [("Allow", "GET, HEAD")])
-            status, headers, body = handler(request)
-            self._respond(build_response(status, headers, body, head_only=request.method == "HEAD"))
-            return
-        route, params = matched
-        key = check_upgrade_request(request)
-        if route.origins:
-            origin = (request.headers.get("Origin") or "").strip().lower().rstrip("/")
-            if origin not in route.origins:
-                raise HandshakeError(403, f"origin {origin[:200]!r} not allowed" if origin else "Origin required")
-        per_ip = server.max_connections_per_ip
-        if per_ip and server.connections_from(self.remote[0]) >= per_ip:
-            raise HandshakeError(503, f"too many connections from {self.remote[0]}", [("Retry-After", "5")])
-        if server.max_connections and server.open_count >= server.max_connections:
-            raise HandshakeError(503, "server is at its connection limit", [("Retry-After", "5")])
-        if server.draining:
-            raise HandshakeError(503, "server is shutting down")
-        offered = [t.strip() for v in request.headers.get_all("Sec-WebSocket-Protocol") for t in v.split(",")]
-        hs = HandshakeRequest(request.path, params, request.query, request.headers, self.remote, offered)
-        try:
-            decision = route.plugin.on_handshake(hs)
-        except Reject as exc:
-            raise HandshakeError(exc.status, exc.reason, exc.headers) from None
-        except Exception:
-            server.log.exception("plugin on_handshake failed", plugin=route.plugin_name, path=request.path)
-            raise HandshakeError(500, "internal error") from None
-        decision = decision or Accept()
-        supported = route.subprotocols or tuple(route.plugin.subprotocols)
-        subprotocol = decision.subprotocol or choose_subprotocol(request, supported)
-        required = route.subprotocol_required
-        if required is None:
-            required = route.plugin.subprotocol_required
-        if subprotocol is None and supported and required:
-            raise HandshakeError(400, f"a subprotocol is required: one of {', '.join(supported)}")
-        extension = None
-        ext_header = None
-        if route.compression and server.deflate_settings is not None:
-            offers = request.headers.get_all("Sec-WebSocket-Extensions")
-            if offers:
-                extension, ext_header = server.negotiate_deflate(offers)
-        limits = server.config.limits
-        self.ws = Connection(
-            max_message_size=limits.max_message_size, max_frame_size=limits.max_frame_size, extension=extension
-        )
-        self.route = route
-        self.params = params
-        self._head = request.head
-        self.subprotocol = subprotocol
-        self.phase = OPEN
-        self._write(build_accept_response(key, subprotocol, ext_header, decision.headers))
-        server.on_client_open(self)
-        self._reset_idle_timer()
-        try:
-            route.plugin.on_open(self)
-        except Exception:
-            self._plugin_error("on_open")
-        if rest and self.phase == OPEN:
-            self._handle_events(self.ws.receive_data(rest))
-            self._mark_dirty()
-
-    def _reject(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None) -> None:
-        self.server.rejected[status] = self.server.rejected.get(status, 0) + 1
-        body = f"{status} {reason}\n".encode()
-        # A refusal ends the connection, so it must say "close" even when it carries a Connection header of its
-        # own (426 has "Connection: Upgrade", which would otherwise suppress build_response's "Connection: close").
-        headers = [
-            (k, f"{v}, close") if k.lower() == "connection" and "close" not in v.lower() else (k, v)
-            for k, v in headers or []
-        ]
-        self._respond(build_response(status, headers, body))
-
-    def _respond(self, data: bytes) -> None:
-        """An HTTP answer that ends the connection (no keep-alive: this port is for WebSocket first)."""
-        self.phase = DRAINING
-        self.server.handshaking.pop(self.id, None)
-        self._write(data)
-        if not self._wbuf:
-            self._after_drain()
-
-    # ================================================================== open connection
-    def _handle_events(self, events: list[Message | Closed | Any]) -> None:
-        route = self.route
-        assert route is not None
-        on_message = route.plugin.on_message
+    # ================================================================== events
+    def _handle_events(self, events: list[Any]) -> None:
         server = self.server
         for event in events:
-            if type(event) is Message:
-                server.messages_in += 1
+            kind = type(event)
+            if kind is Message:
+                server.counters.messages_in += 1
                 if self._plugin_failed:
                     continue
+                route = self.route
+                session = self.session
+                assert route is not None and session is not None
                 try:
-                    on_message(self, event.data)
+                    route.plugin.on_message(session, event.data)
                 except Exception:
                     self._plugin_error("on_message")
-            elif type(event) is Closed:
+            elif kind is Closed:
                 self._on_ws_closed(event)
-            elif type(event) is Pong:
+            elif kind is Pong:
                 self._awaiting_pong = 0.0
+            elif kind is Request:
+                self._on_request(event)
+            elif kind is HandshakeFailed:
+                self._refused(event.status, event.reason, None)
+                self.ws.send_response(self.ws.reject(event.status, event.reason, event.headers))
+                self._end_handshake()
+
+    def _on_request(self, request: Request) -> None:
+        server = self.server
+        ws = self.ws
+        self.path = request.path
+        router = server.router if self.router is None else self.router
+        outcome = answer_request(ws, request, self.remote, router, server.admission())
+        self.remote = outcome.remote
+        if outcome.plugin_raised:  # answered 500; the traceback is still current
+            matched = router.match(request.path)
+            server.log.exception("handler raised", plugin=matched[0].plugin_name if matched else None,
+                                 path=request.path)
+        ws.send_response(outcome.response)
+        route = outcome.route
+        if route is None:
+            if outcome.response.status >= 400:
+                self._refused(outcome.response.status, outcome.reason, request.path)
+            self._end_handshake()
+            return
+        self.route = route
+        self.phase = OPEN
+        session = self.session = PluginSession(
+            self, ws, request.head, outcome.params, outcome.response.headers.get("Sec-WebSocket-Protocol")
+        )
+        server.on_open(self)
+        self._reset_idle_timer()
+        try:
+            route.plugin.on_open(session)
+        except Exception:
+            self._plugin_error("on_open")
+
+    def _refused(self, status: int, reason: str, path: str | None) -> None:
+        server = self.server
+        counters = server.counters
+        counters.rejected[status] = counters.rejected.get(status, 0) + 1
+        counters.handshake_failures += 1
+        server.log.warning("handshake refused", conn=self.id, peer=self.remote[0], path=path or self.path or None,
+                           status=status, reason=reason)
+
+    def _end_handshake(self) -> None:
+        """An HTTP answer went into the protocol's output: it ends the connection once written."""
+        self.server.handshaking.pop(self.id, None)
+        self.phase = DRAINING if self.ws.state is _S_CLOSED else self.phase
+        self._flush_later()
 
     def _plugin_error(self, hook: str) -> None:
         route = self.route
@@ -396,7 +390,7 @@ class Client:
             "plugin raised; closing the connection with 1011",
             plugin=route.plugin_name if route else None, hook=hook, conn=self.id, path=self.path,
         )
-        self.server.plugin_errors += 1
+        self.server.counters.plugin_errors += 1
         self._plugin_failed = True
         self.close(CloseCode.INTERNAL_ERROR, "internal server error")
 
@@ -409,28 +403,30 @@ class Client:
                 reason=event.error,
             )
         route = self.route
-        if route is not None:
+        if route is not None and self.session is not None:
             try:
-                route.plugin.on_close(self, event.code, event.reason)
+                route.plugin.on_close(self.session, event.code, event.reason)
             except Exception:
                 server.log.exception("plugin on_close raised", plugin=route.plugin_name, conn=self.id)
-        server.on_client_closed(self, event)
+        server.on_closed(self, event)
 
-    def _mark_dirty(self) -> None:
-        if not self._dirty:
-            self._dirty = True
+    # ================================================================== output
+    def _flush_later(self) -> None:
+        """The driver rule: the protocol object has output (or wants the transport closed): flush this iteration."""
+        if not self.dirty:
+            self.dirty = True
             self.server.dirty.append(self)
 
     def flush(self) -> None:
         """Called once per loop iteration for connections with new output: one ``send`` for all of it."""
-        self._dirty = False
-        ws = self.ws
-        if ws is None or self.sock is None:
+        self.dirty = False
+        if self.sock is None:
             return
+        ws = self.ws
         data = ws.data_to_send()
         if data:
             self._write(data)
-        if ws.close_transport and not self._wbuf and self.phase == OPEN:
+        if ws.close_transport and not self._wbuf and self.sock is not None:
             self._shutdown_transport()
 
     def _write(self, data: bytes) -> None:
@@ -477,33 +473,40 @@ class Client:
             "dropping a slow consumer", conn=self.id, peer=self.remote[0], path=self.path, buffered=size,
             limit=server.hard_limit, code=code, action=server.slow_consumer_action,
         )
-        server.slow_consumers_dropped += 1
+        server.counters.slow_consumers_dropped += 1
         sock = self.sock
-        delivered = False
         ws = self.ws
-        if sock is not None and server.slow_consumer_action == "close" and ws is not None and ws.state is State.OPEN:
-            frame = encode_frame(0x8, code.to_bytes(2, "big") + b"slow consumer")
-            try:
-                pending = self._wbuf
-                sent = sock.send(pending) if pending else 0
-                self.bytes_out += sent
-                if sent == len(pending):
-                    sent = sock.send(frame)
+        delivered = False
+        closed = None
+        if server.slow_consumer_action == "close" and ws.state is _S_OPEN:
+            closed = ws.fail(code, "slow consumer")  # the protocol object frames the close
+            frame = ws.data_to_send()
+            if sock is not None:
+                try:
+                    pending = self._wbuf
+                    sent = sock.send(pending) if pending else 0
                     self.bytes_out += sent
-                    delivered = sent == len(frame)
-            except OSError:
-                pass
+                    if sent == len(pending):
+                        sent = sock.send(frame)
+                        self.bytes_out += sent
+                        delivered = sent == len(frame)
+                except OSError:
+                    pass
         if sock is not None and not delivered:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             except OSError:
                 pass
-        self._abort("slow consumer: write buffer over its hard limit", code=code)
+        if closed is None:
+            closed = ws.abort("slow consumer: write buffer over its hard limit", code)
+        if closed is not None and self.phase is OPEN:
+            self._on_ws_closed(closed)
+        self._close_socket()
 
     def _after_drain(self) -> None:
         """The write buffer just emptied."""
         self._paused = False
-        if self.phase == DRAINING or (self.ws is not None and self.ws.close_transport):
+        if self.ws.close_transport:
             self._shutdown_transport()
         else:
             self._update_interest()
@@ -512,7 +515,7 @@ class Client:
         sock = self.sock
         if sock is None:
             return
-        events = (0 if self._paused and self.phase == OPEN else _READ) | (_WRITE if self._wbuf else 0)
+        events = (0 if self._paused and self.phase is OPEN else _READ) | (_WRITE if self._wbuf else 0)
         if events != self._events:
             loop = self.server.loop
             if events == 0:
@@ -526,13 +529,12 @@ class Client:
     def _shutdown_transport(self) -> None:
         """Send our FIN after the last byte, then wait briefly for the peer's (see the module docstring)."""
         sock = self.sock
-        if sock is None:
+        if sock is None or self.ws.state is not _S_CLOSED:
             return
-        if self.phase == OPEN and self.ws is not None and self.ws.state is not State.CLOSED:
-            return
-        if self.phase == DRAINING and self._timer is not None and self._timer_kind == _T_LINGER:
+        if self.phase is DRAINING and self._timer is not None and self._timer_kind is _T_LINGER:
             return
         self.phase = DRAINING
+        self.server.handshaking.pop(self.id, None)
         try:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -542,10 +544,10 @@ class Client:
         self._update_interest()
 
     # ================================================================== timers
-    def _set_timer(self, delay: float, kind: int) -> None:
+    def _set_timer(self, delay: float, kind: _TimerKind) -> None:
         """One timer per connection, re-armed in place: a later deadline just moves ``when`` and the loop
         re-queues the timer when the old deadline comes, so re-arming costs no allocation and leaves no
-        cancelled garbage in the heap. The client itself is the callback (``__call__``): no bound method kept."""
+        cancelled garbage in the heap. The connection itself is the callback (``__call__``): no bound method."""
         loop = self.server.loop
         when = loop.now + delay
         self._timer_kind = kind
@@ -561,9 +563,9 @@ class Client:
         """The connection's timer fired."""
         self._timer = None
         kind = self._timer_kind
-        if kind == _T_IDLE:
+        if kind is _T_IDLE:
             self._on_timer()
-        elif kind == _T_CLOSE:
+        elif kind is _T_CLOSE:
             self._on_close_timeout()
         else:
             self._close_socket()  # linger over
@@ -580,21 +582,24 @@ class Client:
         server = self.server
         timeouts = server.config.timeouts
         now = server.loop.now
-        if self.phase == HANDSHAKE:
-            server.log_handshake_failure(self, 408, "handshake timeout")
-            self._reject(408, "handshake timeout")
-            return
         ws = self.ws
-        if self.phase != OPEN or ws is None or ws.state is not State.OPEN:
+        if self.phase is HANDSHAKE:
+            self._refused(408, "handshake timeout", None)
+            ws.send_response(ws.reject(408, "handshake timeout"))
+            self._end_handshake()
+            return
+        if self.phase is not OPEN or ws.state is not _S_OPEN:
             return
         if self._awaiting_pong:
             if self.last_seen >= self._awaiting_pong:
                 self._awaiting_pong = 0.0  # any input proves the peer alive
             else:
+                server.log.warning("keepalive timeout", conn=self.id, peer=self.remote[0], path=self.path,
+                                   timeout=timeouts.ping_timeout)
                 closed = ws.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
                 if closed is not None:
                     self._on_ws_closed(closed)
-                self._mark_dirty()
+                self._flush_later()
                 return
         idle = now - self.last_seen
         if idle < timeouts.ping_interval:
@@ -602,35 +607,32 @@ class Client:
             return
         ws.send_ping(b"keepalive")
         self._awaiting_pong = now
-        self._mark_dirty()
+        self._flush_later()
         self._set_timer(timeouts.ping_timeout, _T_IDLE)
 
     def _on_close_timeout(self) -> None:
         self._timer = None
-        ws = self.ws
-        if ws is not None and ws.state is State.CLOSING:
-            closed = ws.fail(CloseCode.ABNORMAL, "close timeout: no close frame from the peer")
+        if self.ws.state is _S_CLOSING:
+            closed = self.ws.abort("close timeout: no close frame from the peer")
             if closed is not None:
-                closed.error = None
                 self._on_ws_closed(closed)
         self._close_socket()
 
     # ================================================================== teardown
-    def _abort(self, why: str, code: int = CloseCode.ABNORMAL) -> None:
-        """Drop the transport now (I/O error, peer gone, hopeless backlog)."""
-        ws = self.ws
-        if self.phase == OPEN and ws is not None and ws.state is not State.CLOSED:
-            ws.state = State.CLOSED
-            self._on_ws_closed(Closed(code, why, by_peer=False))
+    def _abort(self, why: str) -> None:
+        """Drop the transport now (I/O error, peer gone)."""
+        closed = self.ws.abort(why)
+        if closed is not None and self.phase is OPEN:
+            self._on_ws_closed(closed)
         self._close_socket()
 
     def _close_socket(self) -> None:
         sock = self.sock
         if sock is None:
             return
-        if self.phase == OPEN and self.ws is not None and self.ws.state is not State.CLOSED:
-            self.ws.state = State.CLOSED
-            self._on_ws_closed(Closed(CloseCode.ABNORMAL, "connection closed", by_peer=True))
+        closed = self.ws.abort("connection closed")
+        if closed is not None and self.phase is OPEN:
+            self._on_ws_closed(closed)
         self.sock = None
         self.phase = CLOSED
         if self._timer is not None:
@@ -644,12 +646,16 @@ class Client:
         except OSError:
             pass
         self._wbuf = b""
-        self.server.on_client_gone(self)
+        self.server.on_gone(self)
+
+    def shutdown_now(self) -> None:
+        """Close the socket at once (the server stops: grace period over, or a second stop signal)."""
+        self._close_socket()
 
     def shutdown(self, code: int, reason: str) -> None:
         """Server shutdown: close handshake for open connections, plain close for the others."""
-        if self.phase == OPEN:
+        if self.phase is OPEN:
             self.close(code, reason)
-        elif self.phase == HANDSHAKE:
+        elif self.phase is HANDSHAKE:
             self._close_socket()
 

@@ -15,36 +15,34 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from selectws.server.broker import Broker
-from selectws.server.broker import MemoryBroker
 from selectws.config import Config, split_host_port
-from selectws.transport.logs import flush_logs, get_logger
-from selectws.transport.sdnotify import Notifier, watchdog_interval
-from selectws.server.api import Plugin, Session
-from selectws.plugins.registry import find_plugin
-from selectws.protocol.deflate import PerMessageDeflate, compress_shared
+from selectws.protocol.deflate import DeflateSettings, PerMessageDeflate, compress_shared
 from selectws.protocol.errors import CloseCode
 from selectws.protocol.events import Closed
 from selectws.protocol.frames import encode_frame
-from selectws.protocol.http11 import HttpLimits
-from selectws.server.connection import Client
-from selectws.transport.loop import EventLoop
+from selectws.protocol.http11 import HttpLimits, build_response
+from selectws.server.api import Plugin, Session
+from selectws.server.broker import Broker, BrokerFactory, Deliver, MemoryBroker
+from selectws.server.connection import ServerConnection
+from selectws.server.handshake import Admission
+from selectws.server.health import ops_handlers
 from selectws.server.proxy import parse_networks
 from selectws.server.routing import Route, Router
 from selectws.server.static import static_handler
-from selectws.server.tls_connection import TlsClient
+from selectws.server.stats import Counters, ServerStats
+from selectws.server.tls_connection import TlsServerConnection
+from selectws.transport.logs import flush_logs, get_logger
+from selectws.transport.loop import EventLoop
+from selectws.transport.sdnotify import Notifier, watchdog_interval
 from selectws.transport.tls import build_context
 
 __all__ = ["Listener", "Server", "raise_nofile_limit"]
 
 _RECV_SIZE = 256 * 1024
-_PENDING_503 = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 40\r\n"
-    b"Retry-After: 5\r\nConnection: close\r\n\r\n503 too many pending handshakes, retry\n\n"
-)
+_PENDING_503 = build_response(503, [("Retry-After", "5")], b"503 too many pending handshakes, retry\n\n")
 _ACCEPT_BATCH = 128
 
 
@@ -81,12 +79,12 @@ class Listener:
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     server.log.error("accept failed: out of resources", error=str(exc))
-                    server.accept_errors += 1
+                    server.counters.accept_errors += 1
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 raise
-            server.accept_client(conn, addr, self.router)
+            server.accept_connection(conn, addr, self.router)
 
     @property
     def address(self) -> tuple[Any, ...]:
@@ -100,26 +98,30 @@ class Server:
     def __init__(
         self,
         config: Config,
-        sockets: Iterable[socket.socket] | None = None,
         *,
-        notifier: Notifier | None = None,
+        plugins: Callable[[str], type[Plugin]],
+        sockets: Iterable[socket.socket] | None = None,
         ops_sockets: Iterable[socket.socket] | None = None,
+        notifier: Notifier | None = None,
+        broker: BrokerFactory | None = None,
+        reload: Callable[[], Config] | None = None,
     ) -> None:
+        """``plugins`` finds a plugin class by its configured name; ``broker`` builds the broker (default: in
+        memory); ``reload`` re-reads the configuration on SIGHUP (None: nothing to reload). The application layer
+        passes all three."""
         self.config = config
         self.loop = EventLoop()
         self.log = get_logger("selectws.server").bind()  # bound again by apply_config after a reload
         self.notifier = notifier or Notifier.from_env()
+        self.find_plugin = plugins
+        self.reload = reload
         self.recv_buffer = bytearray(_RECV_SIZE)
         self.recv_view = memoryview(self.recv_buffer)
-        self.dirty: list[Client] = []
-        self.clients: dict[int, Client] = {}  # every accepted socket, by id
-        self.sessions: dict[int, Client] = {}  # open WebSocket connections, by id
-        self.groups: dict[str, dict[int, Client]] = {}
-        self.broker: Broker = MemoryBroker(self._deliver)
-        if config.broker.url:  # [broker] takes effect on restart: built once, here
-            from selectws.brokers.redis import RedisBroker
-
-            self.broker = RedisBroker(self.loop, self._deliver, config.broker, self.log)
+        self.dirty: list[ServerConnection] = []
+        self.connections: dict[int, ServerConnection] = {}  # every accepted socket, by id
+        self.sessions: dict[int, ServerConnection] = {}  # open WebSocket connections, by id
+        self.groups: dict[str, dict[int, ServerConnection]] = {}
+        self.broker: Broker = (broker or _memory_broker)(self.loop, self._deliver, self.log)
         self._ops_inherited = list(ops_sockets) if ops_sockets is not None else None  # bound by a supervisor
         self.listeners: list[Listener] = []
         # [ops] listen: health and metrics on a listener of their own that stays open while draining.
@@ -138,29 +140,52 @@ class Server:
         self._grace_timer: Any = None
         self._status_sent = ""  # the last STATUS= sent to systemd
         self.started_at = time.time()
-        # Counters: plain integers on the hot path, turned into metrics only when asked.
-        self.accepted = 0
-        self.accept_errors = 0
-        self.rejected: dict[int, int] = {}
-        self.handshake_failures = 0
-        self.messages_in = 0
-        self.messages_out = 0
-        self.plugin_errors = 0
-        self.slow_consumers_dropped = 0
+        #: Plain integers on the hot path, turned into metrics only when asked (see :meth:`stats`).
+        self.counters = Counters()
         # Hardening: sockets still in the opening handshake, open WebSockets per client address (the address
         # after trusted_proxies), and the rate limit of the "too many pending handshakes" warning.
-        self.handshaking: dict[int, Client] = {}
+        self.handshaking: dict[int, ServerConnection] = {}
         self.per_ip: dict[str, int] = {}
-        self._ip_of: dict[int, str] = {}  # client id -> the address it is counted under in per_ip
-        self.pending_refused = 0
+        self._ip_of: dict[int, str] = {}  # connection id -> the address it is counted under in per_ip
         self._pending_refused_unlogged = 0
         self._pending_warned_at = float("-inf")
-        self.close_codes: dict[int, int] = {}
-        self.closed_bytes_in = 0
-        self.closed_bytes_out = 0
         self.apply_config(config)
         self.loop.end_of_iteration.append(self._flush_dirty)
         self.loop.end_of_iteration.append(flush_logs)
+
+    def stats(self) -> ServerStats:
+        """The counters and gauges as they are now (for /metrics, /healthz and systemd's status)."""
+        c = self.counters
+        live = self.connections.values()
+        by_route: dict[str, int] = {route.path: 0 for route in self.router.routes}
+        for conn in self.sessions.values():
+            route = conn.route
+            if route is not None:
+                by_route[route.path] = by_route.get(route.path, 0) + 1
+        return ServerStats(
+            started_at=self.started_at,
+            draining=self.draining,
+            accepted=c.accepted,
+            accept_errors=c.accept_errors,
+            rejected=dict(c.rejected),
+            handshake_failures=c.handshake_failures,
+            messages_in=c.messages_in,
+            messages_out=c.messages_out,
+            plugin_errors=c.plugin_errors,
+            slow_consumers_dropped=c.slow_consumers_dropped,
+            close_codes=dict(c.close_codes),
+            bytes_in=c.closed_bytes_in + sum(conn.bytes_in for conn in live),
+            bytes_out=c.closed_bytes_out + sum(conn.bytes_out for conn in live),
+            sockets_open=len(self.connections),
+            handshaking=len(self.handshaking),
+            open_by_route=by_route,
+            groups=len(self.groups),
+            write_buffer_bytes=sum(conn.buffered for conn in live),
+            loop_iterations=self.loop.iterations,
+            loop_lag_max=self.loop.max_lag,
+            timers=self.loop.timer_count,
+            broker=self.broker.stats(),
+        )
 
     # ------------------------------------------------------------------ configuration
     def apply_config(self, config: Config) -> None:
@@ -171,7 +196,7 @@ class Server:
         tls_context = self._tls_for(config)  # first: a certificate that fails to load changes nothing
         routes = []
         for rc in config.routes:
-            plugin_cls = find_plugin(rc.plugin)
+            plugin_cls = self.find_plugin(rc.plugin)
             plugin: Plugin = plugin_cls(self, rc.options)
             compression = config.compression.enabled if rc.compression is None else rc.compression
             routes.append(Route(rc.path, plugin, rc.plugin, tuple(rc.subprotocols), compression,
@@ -200,10 +225,8 @@ class Server:
         base = os.path.dirname(os.path.abspath(config.source)) if config.source else None
         self.router.fallback = static_handler(config.static, base=base, warn=self.log.warning)
         self._apply_ops(config)
-        self.deflate_settings: Any = None
+        self.deflate_settings: DeflateSettings | None = None
         if config.compression.enabled or any(r.compression for r in routes):
-            from selectws.protocol.deflate import DeflateSettings
-
             c = config.compression
             self.deflate_settings = DeflateSettings(
                 server_max_window_bits=c.server_max_window_bits,
@@ -228,9 +251,7 @@ class Server:
 
     def _apply_ops(self, config: Config) -> None:
         """(Re)register /healthz and /metrics: on the WebSocket router, or on the operator listener's."""
-        from selectws.server.health import ops_handlers
-
-        handlers = ops_handlers(self, config.ops)
+        handlers = ops_handlers(self.stats, config.ops)
         if self._ops_listen is None:
             self._ops_listen = config.ops.listen
         elif config.ops.listen != self._ops_listen:
@@ -244,20 +265,6 @@ class Server:
         else:
             self.router.http.update(handlers)
             self._ops_paths = list(handlers)
-
-    def negotiate_deflate(self, offers: list[str]) -> tuple[Any, str | None]:
-        """permessage-deflate for one handshake: (extension object, response header) or (None, None)."""
-        from selectws.protocol.deflate import PerMessageDeflate, negotiate_server
-
-        agreed = negotiate_server(offers, self.deflate_settings)
-        if agreed is None:
-            return None, None
-        header, params = agreed
-        ext = PerMessageDeflate(
-            params, is_server=True, memory_level=self.deflate_settings.memory_level,
-            min_size=self.deflate_settings.min_size,
-        )
-        return ext, header
 
     # ------------------------------------------------------------------ listening
     def _bind(self, host: str, port: int) -> list[socket.socket]:
@@ -343,14 +350,14 @@ class Server:
             listener.sock.close()
         self.listeners = []
         self.ops_listeners = []
-        for client in list(self.clients.values()):
-            client._close_socket()
+        for conn in list(self.connections.values()):
+            conn.shutdown_now()
         self.broker.close()
         self.loop.close()
         self.notifier.close()
 
     # ------------------------------------------------------------------ connections
-    def accept_client(self, sock: socket.socket, addr: Any, router: Router | None = None) -> None:
+    def accept_connection(self, sock: socket.socket, addr: Any, router: Router | None = None) -> None:
         if router is None and len(self.handshaking) >= self.max_pending_handshakes:
             self._refuse_pending(sock, addr)
             return
@@ -359,33 +366,35 @@ class Server:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        client_id = self._next_id
+        conn_id = self._next_id
         self._next_id += 1
         remote = (str(addr[0]), int(addr[1])) if isinstance(addr, tuple) else (str(addr), 0)
         tls = self.tls_context if router is None else None  # the operator listener stays plain HTTP
+        conn: ServerConnection
         if tls is None:
-            client = Client(self, sock, remote, client_id, router)
+            conn = ServerConnection(self, sock, remote, conn_id, router)
         else:
             try:
-                client = TlsClient(self, sock, remote, client_id, tls)
+                conn = TlsServerConnection(self, sock, remote, conn_id, tls)
             except OSError as exc:  # the peer is already gone
                 self.log.info("connection lost before TLS", peer=remote[0], error=str(exc))
                 sock.close()
                 return
-        self.clients[client_id] = client
+        self.connections[conn_id] = conn
         if router is None:  # the operator listener's health checks are never refused for a handshake flood
-            self.handshaking[client_id] = client
-        self.accepted += 1
-        self.loop.register(client.sock, selectors.EVENT_READ, client)  # the SSLSocket for TLS
+            self.handshaking[conn_id] = conn
+        self.counters.accepted += 1
+        self.loop.register(conn.sock, selectors.EVENT_READ, conn)  # the SSLSocket for TLS
 
     def _refuse_pending(self, sock: socket.socket, addr: Any) -> None:
         """Too many sockets in the opening handshake: answer 503 at once (best effort, never blocking) and close.
 
         Logged at most once per burst (every 10 s while it lasts, with the count refused since the last line).
         """
-        self.accepted += 1
-        self.pending_refused += 1
-        self.rejected[503] = self.rejected.get(503, 0) + 1
+        counters = self.counters
+        counters.accepted += 1
+        counters.pending_refused += 1
+        counters.rejected[503] = counters.rejected.get(503, 0) + 1
         if self.tls_context is None:
             try:
                 sock.setblocking(False)
@@ -407,12 +416,16 @@ class Server:
             )
             self._pending_refused_unlogged = 0
 
-    def connections_from(self, ip: str) -> int:
-        """Open WebSocket connections counted under client address ``ip``."""
-        return self.per_ip.get(ip, 0)
+    def admission(self) -> Admission:
+        """What the limits and state allow a new WebSocket right now (read by the handshake decision)."""
+        return Admission(
+            open_count=len(self.sessions), max_connections=self.max_connections, per_ip=self.per_ip,
+            max_per_ip=self.max_connections_per_ip, draining=self.draining, deflate=self.deflate_settings,
+            trusted_proxies=self.trusted_proxies,
+        )
 
-    def _uncount_ip(self, client: Client) -> None:
-        ip = self._ip_of.pop(client.id, None)
+    def _uncount_ip(self, conn: ServerConnection) -> None:
+        ip = self._ip_of.pop(conn.id, None)
         if ip is not None:
             left = self.per_ip[ip] - 1
             if left:
@@ -420,55 +433,53 @@ class Server:
             else:
                 del self.per_ip[ip]
 
-    def on_client_open(self, client: Client) -> None:
-        self.sessions[client.id] = client
-        self.handshaking.pop(client.id, None)
-        ip = client.remote[0]
-        self._ip_of[client.id] = ip
+    def on_open(self, conn: ServerConnection) -> None:
+        """``conn`` completed its opening handshake."""
+        self.sessions[conn.id] = conn
+        self.handshaking.pop(conn.id, None)
+        ip = conn.remote[0]
+        self._ip_of[conn.id] = ip
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        session = conn.session
         self.log.info(
-            "open", conn=client.id, peer=client.remote[0], port=client.remote[1], path=client.path,
-            subprotocol=client.subprotocol,
+            "open", conn=conn.id, peer=conn.remote[0], port=conn.remote[1], path=conn.path,
+            subprotocol=session.subprotocol if session is not None else None,
         )
 
-    def on_client_closed(self, client: Client, event: Closed) -> None:
-        """The WebSocket of ``client`` ended (its socket may still be draining)."""
-        if self.sessions.pop(client.id, None) is None:
+    def on_closed(self, conn: ServerConnection, event: Closed) -> None:
+        """The WebSocket of ``conn`` ended (its socket may still be draining)."""
+        if self.sessions.pop(conn.id, None) is None:
             return
-        self._uncount_ip(client)
-        for group in list(client._groups or ()):
-            self.leave(client, group)
-        self.close_codes[event.code] = self.close_codes.get(event.code, 0) + 1
+        self._uncount_ip(conn)
+        session = conn.session
+        if session is not None:
+            for group in list(session.groups):
+                self.leave(session, group)
+        codes = self.counters.close_codes
+        codes[event.code] = codes.get(event.code, 0) + 1
         self.log.info(
-            "close", conn=client.id, peer=client.remote[0], path=client.path, code=event.code,
-            reason=event.reason, by_peer=event.by_peer, duration=round(self.loop.now - client.opened_at, 3),
-            bytes_in=client.bytes_in, bytes_out=client.bytes_out,
+            "close", conn=conn.id, peer=conn.remote[0], path=conn.path, code=event.code,
+            reason=event.reason, by_peer=event.by_peer, duration=round(self.loop.now - conn.opened_at, 3),
+            bytes_in=conn.bytes_in, bytes_out=conn.bytes_out,
         )
 
-    def on_client_gone(self, client: Client) -> None:
-        """The socket of ``client`` is closed."""
-        self.handshaking.pop(client.id, None)
-        self._uncount_ip(client)  # normally done by on_client_closed already; never leaks either way
-        if self.clients.pop(client.id, None) is not None:
-            self.closed_bytes_in += client.bytes_in
-            self.closed_bytes_out += client.bytes_out
-        if self.draining and not self.clients:
+    def on_gone(self, conn: ServerConnection) -> None:
+        """The socket of ``conn`` is closed: forget it."""
+        self.handshaking.pop(conn.id, None)
+        self._uncount_ip(conn)  # normally done by on_closed already; never leaks either way
+        if self.connections.pop(conn.id, None) is not None:
+            self.counters.closed_bytes_in += conn.bytes_in
+            self.counters.closed_bytes_out += conn.bytes_out
+        if self.draining and not self.connections:
             self._finish_shutdown()
-
-    def log_handshake_failure(self, client: Client, status: int, reason: str, path: str | None = None) -> None:
-        self.handshake_failures += 1
-        self.log.warning(
-            "handshake refused", conn=client.id, peer=client.remote[0], path=path or client.path or None,
-            status=status, reason=reason,
-        )
 
     def _flush_dirty(self) -> None:
         dirty = self.dirty
         while dirty:
             batch = dirty[:]
             dirty.clear()
-            for client in batch:
-                client.flush()
+            for conn in batch:
+                conn.flush()
 
     @property
     def open_count(self) -> int:
@@ -476,31 +487,32 @@ class Server:
 
     # ------------------------------------------------------------------ ServerAPI for plugins
     def join(self, session: Session, group: str) -> None:
-        client = self.sessions.get(session.id)
-        if client is None:
+        conn = self.sessions.get(session.id)
+        if conn is None or conn.session is None:
             return
         members = self.groups.get(group)
         if members is None:
             members = self.groups[group] = {}
             self.broker.subscribe(group)
-        members[client.id] = client
-        if client._groups is None:
-            client._groups = set()
-        client._groups.add(group)
+        members[conn.id] = conn
+        own = conn.session
+        if own._groups is None:
+            own._groups = set()
+        own._groups.add(group)
 
     def leave(self, session: Session, group: str) -> None:
         members = self.groups.get(group)
         if members is None:
             return
-        client = members.pop(session.id, None)
-        if client is not None and client._groups is not None:
-            client._groups.discard(group)
+        conn = members.pop(session.id, None)
+        if conn is not None and conn.session is not None and conn.session._groups is not None:
+            conn.session._groups.discard(group)
         if not members:
             del self.groups[group]
             self.broker.unsubscribe(group)
 
     def members(self, group: str) -> list[Session]:
-        return list(self.groups.get(group, {}).values())
+        return [conn.session for conn in self.groups.get(group, {}).values() if conn.session is not None]
 
     def broadcast(self, group: str, message: str | bytes, exclude: Session | Iterable[Session] | None = None) -> int:
         return self.broker.publish(group, message, _exclude_ids(exclude))
@@ -516,39 +528,35 @@ class Server:
         frame = encode_frame(opcode, payload)
         compressed: dict[int, bytes] = {}  # window bits -> one compressed frame for every shareable recipient
         count = 0
-        for client_id, client in list(members.items()):
-            if client_id in exclude:
+        for conn_id, conn in list(members.items()):
+            if conn_id in exclude:
                 continue
-            ws = client.ws
-            if ws is None:
-                continue
-            ext = ws.extension
+            ext = conn.ws.extension
             if ext is None or not ext.should_compress(len(payload)):
-                sent = client.send_frame(frame)
+                sent = conn.send_frame(frame)
             elif isinstance(ext, PerMessageDeflate) and ext.params.shareable:
                 # No context takeover on our side: the same compressed bytes are valid for all such recipients.
                 bits = max(9, ext.params.server_max_window_bits)
                 shared = compressed.get(bits)
                 if shared is None:
+                    assert self.deflate_settings is not None
                     shared = compressed[bits] = encode_frame(
                         opcode, compress_shared(payload, bits, self.deflate_settings.memory_level), rsv1=True
                     )
-                sent = client.send_frame(shared)
+                sent = conn.send_frame(shared)
             else:
-                # Its own compression context. Not client.send(): that would count the message a second time.
-                sent = ws.send_message(message)
-                if sent:
-                    client._mark_dirty()
+                sent = conn.send_message(message)  # its own compression context
             if sent:
                 count += 1
-        self.messages_out += count
+        self.counters.messages_out += count
         return count
 
     def get(self, session_id: int) -> Session | None:
-        return self.sessions.get(session_id)
+        conn = self.sessions.get(session_id)
+        return conn.session if conn is not None else None
 
     def all_sessions(self) -> list[Session]:
-        return list(self.sessions.values())
+        return [conn.session for conn in self.sessions.values() if conn.session is not None]
 
     # ------------------------------------------------------------------ signals, shutdown
     def _on_stop_signal(self, signum: int) -> None:
@@ -560,7 +568,7 @@ class Server:
         self.shutdown()
 
     def _on_reload_signal(self, signum: int) -> None:
-        reload = getattr(self, "reload_callback", None)
+        reload = self.reload
         self.notifier.reloading()  # always paired with READY=1: Type=notify-reload waits for both
         if reload is None:
             self.log.info("SIGHUP: no configuration file to reload")
@@ -588,33 +596,34 @@ class Server:
             self.loop.unregister(listener.sock)
             listener.sock.close()
         self.listeners = []
-        for client in list(self.clients.values()):
-            client.shutdown(CloseCode.GOING_AWAY, "server shutting down")
+        for conn in list(self.connections.values()):
+            conn.shutdown(CloseCode.GOING_AWAY, "server shutting down")
         self._flush_dirty()
-        if not self.clients:
+        if not self.connections:
             self._finish_shutdown()
             return
         grace = self.config.timeouts.shutdown_grace if grace is None else grace
         self._grace_timer = self.loop.call_later(grace, self._grace_expired)
 
     def _grace_expired(self) -> None:
-        self.log.warning("shutdown grace period over; closing the remaining connections", remaining=len(self.clients))
+        self.log.warning("shutdown grace period over; closing the remaining connections",
+                         remaining=len(self.connections))
         self._finish_shutdown()
 
     def _finish_shutdown(self) -> None:
         if self._stopped:
             return
         self._stopped = True
-        for client in list(self.clients.values()):
-            client._close_socket()
-        self.log.info("stopped", accepted=self.accepted)
+        for conn in list(self.connections.values()):
+            conn.shutdown_now()
+        self.log.info("stopped", accepted=self.counters.accepted)
         self.loop.stop()
 
     # ------------------------------------------------------------------ periodic
     def status_text(self) -> str:
         """The ``STATUS=`` systemd shows: connections open and accepted so far (and whether draining)."""
         n = len(self.sessions)
-        text = f"{n} connection{'' if n == 1 else 's'} open, {self.accepted} accepted"
+        text = f"{n} connection{'' if n == 1 else 's'} open, {self.counters.accepted} accepted"
         return f"draining: {text}" if self.draining else text
 
     def _watchdog(self, interval: float) -> None:
@@ -648,3 +657,7 @@ def _format_addr(addr: tuple[Any, ...]) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
+
+
+def _memory_broker(loop: EventLoop, deliver: Deliver, log: Any) -> Broker:
+    return MemoryBroker(deliver)

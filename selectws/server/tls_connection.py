@@ -1,4 +1,4 @@
-"""TLS (``wss://``) in the same selectors loop: the server context, and :class:`TlsClient`.
+"""TLS (``wss://``) in the same selectors loop: the server context, and :class:`TlsServerConnection`.
 
 Each accepted socket on a TLS listener is wrapped with ``SSLContext.wrap_socket(server_side=True,
 do_handshake_on_connect=False)``. An :class:`ssl.SSLSocket` keeps a real file descriptor, so it registers with the
@@ -6,8 +6,8 @@ selector like any socket; its non-blocking ``recv_into``/``send`` raise ``SSLWan
 where a TCP socket raises ``BlockingIOError``. (``SSLObject`` + ``MemoryBIO`` would also work, but it means copying
 every byte through two BIOs in Python; the wrapped socket lets OpenSSL read and write the descriptor itself.)
 
-The choice is made once per connection, in :meth:`Server.accept_client`: plain connections are a :class:`Client`
-and run exactly the code they always ran; TLS connections are a :class:`TlsClient`, which
+The choice is made once per connection, in :meth:`Server.accept_connection`: plain connections are a
+:class:`ServerConnection` and run exactly the code they always ran; TLS connections are a :class:`TlsServerConnection`, which
 
 * drives ``do_handshake()`` from selector events first (want-read / want-write become read / write interest), under
   the same handshake timeout as the HTTP upgrade, closing the connection with a log line on any TLS error;
@@ -27,13 +27,13 @@ import socket
 import ssl
 from typing import TYPE_CHECKING
 
-from selectws.server.connection import HANDSHAKE, Client
+from selectws.server.connection import HANDSHAKE, ServerConnection
 from selectws.transport.tls import step_tls_handshake
 
 if TYPE_CHECKING:
     from selectws.server.server import Server
 
-__all__ = ["TlsClient", "build_context"]
+__all__ = ["TlsServerConnection"]
 
 _READ_BUDGET = 64  # TLS records (<= 16 KiB each) read per readable event before giving other sockets a turn
 
@@ -47,26 +47,26 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-class TlsClient(Client):
-    """A :class:`Client` over an :class:`ssl.SSLSocket`: the TLS handshake first, then the same phases."""
+class TlsServerConnection(ServerConnection):
+    """A :class:`ServerConnection` over an :class:`ssl.SSLSocket`: the TLS handshake first, then the same phases."""
 
     __slots__ = ("_tls_handshaking",)
 
     _would_block = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
     def __init__(
-        self, server: Server, sock: socket.socket, remote: tuple[str, int], client_id: int, context: ssl.SSLContext
+        self, server: Server, sock: socket.socket, remote: tuple[str, int], conn_id: int, context: ssl.SSLContext
     ) -> None:
         # Raises OSError if the peer is already gone (the SSLSocket then closes the descriptor itself).
         tls_sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         self._tls_handshaking = True
-        super().__init__(server, tls_sock, remote, client_id)
+        super().__init__(server, tls_sock, remote, conn_id)
 
     def handle_event(self, mask: int) -> None:
         if self._tls_handshaking:
             self._tls_handshake()
         else:
-            Client.handle_event(self, mask)
+            ServerConnection.handle_event(self, mask)
 
     def _tls_handshake(self) -> None:
         sock = self.sock
@@ -90,23 +90,23 @@ class TlsClient(Client):
 
     def _tls_failed(self, reason: str) -> None:
         server = self.server
-        server.handshake_failures += 1
+        server.counters.handshake_failures += 1
         server.log.warning("tls handshake failed", conn=self.id, peer=self.remote[0], reason=reason)
         self._close_socket()
 
     def _on_timer(self) -> None:
-        if self._tls_handshaking and self.phase == HANDSHAKE:
+        if self._tls_handshaking and self.phase is HANDSHAKE:
             self._timer = None
             self._tls_failed("handshake timeout")
             return
-        Client._on_timer(self)
+        ServerConnection._on_timer(self)
 
     def _on_readable(self) -> None:
         sock = self.sock
         assert isinstance(sock, ssl.SSLSocket)
         for _ in range(_READ_BUDGET):
             before = self.bytes_in
-            Client._on_readable(self)
+            ServerConnection._on_readable(self)
             if self.bytes_in == before or self.sock is not sock or self._paused:
                 return  # nothing more to read now (want-read), closed, or paused by backpressure
         if sock.pending():

@@ -1,0 +1,118 @@
+"""The server's answer to a request head, decided from values alone (no socket in sight).
+
+:func:`answer_request` takes the :class:`Request` event of a :class:`ServerProtocol`, the client's address, the
+router and an :class:`Admission` (what the server's limits and state allow right now), and returns an
+:class:`Outcome`: the :class:`Response` value to send (a 101, an HTTP answer for a plain route, or a refusal) and,
+for a 101, the route and its parameters. The order of the checks gives the most useful status: routing (404 /
+405), the upgrade itself (426 / 400 / 405 from RFC 6455 section 4.2.1), the origin allow-list (403), the
+per-address and global connection limits and draining (503), the plugin's own ``on_handshake`` (its status, or
+500 if it raised), the subprotocol (400 when one is required), then permessage-deflate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
+
+from selectws.protocol.deflate import DeflateSettings
+from selectws.protocol.errors import HandshakeError
+from selectws.protocol.handshake import ServerProtocol, check_upgrade_request, choose_subprotocol
+from selectws.protocol.http11 import Request, Response, make_response
+from selectws.server.api import Accept, HandshakeRequest, Reject
+from selectws.server.proxy import client_address
+from selectws.server.routing import Route, Router
+
+__all__ = ["Admission", "Outcome", "answer_request"]
+
+_RETRY = [("Retry-After", "5")]
+
+
+@dataclass(slots=True)
+class Admission:
+    """What the server allows at the moment a request is answered."""
+
+    open_count: int = 0
+    max_connections: int = 0  # 0: no limit
+    per_ip: Mapping[str, int] = field(default_factory=dict)  # open WebSocket connections by client address
+    max_per_ip: int = 0  # 0: no limit
+    draining: bool = False
+    deflate: DeflateSettings | None = None  # None: permessage-deflate is off
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The answer and what it means: ``route`` is set for a 101 only."""
+
+    response: Response
+    remote: tuple[str, int]  # the client's address (from the proxy headers when they are trusted)
+    reason: str = ""  # why a request was refused (for the log line)
+    route: Route | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    plugin_raised: bool = False  # on_handshake raised: the caller logs the traceback
+
+
+def answer_request(
+    ws: ServerProtocol, request: Request, remote: tuple[str, int], router: Router, admission: Admission
+) -> Outcome:
+    """Decide on ``request``; nothing is sent (the caller passes ``outcome.response`` to ``ws.send_response``)."""
+    if admission.trusted_proxies:  # behind a reverse proxy we trust: the client's address from its headers
+        remote = client_address(remote, request.headers, admission.trusted_proxies)
+    matched = router.match(request.path)
+    if matched is None:
+        handler = router.http_handler(request.path)
+        if handler is None:
+            return _refuse(ws, remote, 404, f"no route for {request.path}")
+        if request.method not in ("GET", "HEAD"):
+            return _refuse(ws, remote, 405, f"method {request.method} not allowed", [("Allow", "GET, HEAD")])
+        try:
+            status, headers, body = handler(request)
+        except Exception:
+            outcome = _refuse(ws, remote, 500, "internal error")
+            outcome.plugin_raised = True  # the caller logs the traceback
+            return outcome
+        return Outcome(make_response(status, headers, body, head_only=request.method == "HEAD"), remote)
+    route, params = matched
+    try:
+        check_upgrade_request(request)
+        if route.origins:
+            origin = (request.headers.get("Origin") or "").strip().lower().rstrip("/")
+            if origin not in route.origins:
+                raise HandshakeError(403, f"origin {origin[:200]!r} not allowed" if origin else "Origin required")
+        if admission.max_per_ip and admission.per_ip.get(remote[0], 0) >= admission.max_per_ip:
+            raise HandshakeError(503, f"too many connections from {remote[0]}", _RETRY)
+        if admission.max_connections and admission.open_count >= admission.max_connections:
+            raise HandshakeError(503, "server is at its connection limit", _RETRY)
+        if admission.draining:
+            raise HandshakeError(503, "server is shutting down")
+    except HandshakeError as exc:
+        return _refuse(ws, remote, exc.status, exc.reason, exc.headers)
+    offered = [t.strip() for v in request.headers.get_all("Sec-WebSocket-Protocol") for t in v.split(",")]
+    plugin = route.plugin
+    try:
+        decision = plugin.on_handshake(HandshakeRequest(request.path, params, request.query, request.headers,
+                                                        remote, offered))
+    except Reject as exc:
+        return _refuse(ws, remote, exc.status, exc.reason, exc.headers)
+    except Exception:
+        outcome = _refuse(ws, remote, 500, "internal error")
+        outcome.plugin_raised = True
+        return outcome
+    decision = decision or Accept()
+    supported = route.subprotocols or tuple(plugin.subprotocols)
+    subprotocol = decision.subprotocol or choose_subprotocol(request, supported)
+    required = plugin.subprotocol_required if route.subprotocol_required is None else route.subprotocol_required
+    if subprotocol is None and supported and required:
+        return _refuse(ws, remote, 400, f"a subprotocol is required: one of {', '.join(supported)}")
+    deflate = admission.deflate if route.compression else None
+    response = ws.accept(request, subprotocol=subprotocol, deflate=deflate, headers=decision.headers)
+    if response.status != 101:  # an extension offer that cannot be accepted as written
+        return Outcome(response, remote, response.body.decode("utf-8", "replace").strip().partition(" ")[2])
+    return Outcome(response, remote, route=route, params=params)
+
+
+def _refuse(
+    ws: ServerProtocol, remote: tuple[str, int], status: int, reason: str, headers: list[tuple[str, str]] | None = None
+) -> Outcome:
+    return Outcome(ws.reject(status, reason, headers or ()), remote, reason)

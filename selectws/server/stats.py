@@ -1,0 +1,90 @@
+"""A snapshot of the server's counters and gauges, for ``/metrics``, ``/healthz`` and systemd's status line.
+
+The hot path only increments plain integers on :class:`Counters`; :meth:`Server.stats` copies them into a
+:class:`ServerStats` value, with the gauges computed at that moment. Readers (metrics, health) see that value and
+nothing of the server's internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["BrokerStats", "Counters", "ServerStats"]
+
+
+class Counters:
+    """Plain integers bumped on the hot path (attribute increments, no calls)."""
+
+    __slots__ = (
+        "accept_errors",
+        "accepted",
+        "close_codes",
+        "closed_bytes_in",
+        "closed_bytes_out",
+        "handshake_failures",
+        "messages_in",
+        "messages_out",
+        "pending_refused",
+        "plugin_errors",
+        "rejected",
+        "slow_consumers_dropped",
+    )
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.accept_errors = 0
+        self.rejected: dict[int, int] = {}
+        self.handshake_failures = 0
+        self.messages_in = 0
+        self.messages_out = 0
+        self.plugin_errors = 0
+        self.slow_consumers_dropped = 0
+        self.pending_refused = 0
+        self.close_codes: dict[int, int] = {}
+        self.closed_bytes_in = 0
+        self.closed_bytes_out = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerStats:
+    kind: str
+    up: bool
+    status: str | None  # a line for /healthz, or None when there is nothing to say
+    dropped: int
+    reconnects: int
+    published: int | None = None  # None: the broker does not count it (in memory)
+    received: int | None = None
+    errors: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStats:
+    """Everything an operator endpoint reports, taken at one moment."""
+
+    started_at: float  # time.time() at start
+    draining: bool
+    accepted: int
+    accept_errors: int
+    rejected: dict[int, int]
+    handshake_failures: int
+    messages_in: int
+    messages_out: int
+    plugin_errors: int
+    slow_consumers_dropped: int
+    close_codes: dict[int, int]
+    bytes_in: int
+    bytes_out: int
+    sockets_open: int
+    handshaking: int
+    open_by_route: dict[str, int]
+    groups: int
+    write_buffer_bytes: int
+    loop_iterations: int
+    loop_lag_max: float
+    timers: int
+    broker: BrokerStats
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def connections_open(self) -> int:
+        return sum(self.open_by_route.values())

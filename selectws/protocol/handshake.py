@@ -195,7 +195,7 @@ _DEFAULT_LIMITS = HttpLimits()
 class ServerProtocol(Connection):
     """The server side of one connection, from the first request byte (CONNECTING) to CLOSED."""
 
-    __slots__ = ("_agreed", "_limits")
+    __slots__ = ("_limits",)
 
     def __init__(
         self,
@@ -208,7 +208,7 @@ class ServerProtocol(Connection):
             SERVER, state=_S_CONNECTING, max_message_size=max_message_size, max_frame_size=max_frame_size
         )
         self._limits: HttpLimits | None = http_limits  # None once a request head was parsed (or refused)
-        self._agreed: PerMessageDeflate | None = None  # negotiated by accept(), in force from send_response()
+        # While CONNECTING, _deflate holds what accept() negotiated; it takes effect with send_response(101).
 
     def _receive_handshake(self, data: bytes | bytearray | memoryview) -> list[Event]:
         limits = self._limits
@@ -247,13 +247,13 @@ class ServerProtocol(Connection):
         try:
             key = check_upgrade_request(request)
             ext_header = None
-            self._agreed = None
+            self._deflate = None
             if deflate is not None:
                 offers = request.headers.get_all("Sec-WebSocket-Extensions")
                 agreed = negotiate_server(offers, deflate) if offers else None
                 if agreed is not None:
                     ext_header, params = agreed
-                    self._agreed = PerMessageDeflate(
+                    self._deflate = PerMessageDeflate(
                         params, is_server=True, memory_level=deflate.memory_level, min_size=deflate.min_size
                     )
         except HandshakeError as exc:
@@ -276,10 +276,8 @@ class ServerProtocol(Connection):
             raise RuntimeError(f"send_response in state {self.state.name}")
         self._out.append(response.serialize())
         if response.status == 101:
-            agreed, self._agreed = self._agreed, None
-            self._open(agreed)
+            self._open(self._deflate)
         else:
-            self._agreed = None
             self._set_closed()
 
 

@@ -55,11 +55,23 @@ class HandshakeRequest:
 class Session(Protocol):
     """One open WebSocket connection, as plugins see it."""
 
-    id: int
-    path: str
-    params: dict[str, str]
-    remote: tuple[str, int]
+    params: dict[str, str]  # path parameters such as ``{channel}``
     subprotocol: str | None
+
+    @property
+    def id(self) -> int:
+        """Unique within the process for its lifetime."""
+        ...
+
+    @property
+    def path(self) -> str:
+        """The request path (percent-decoded)."""
+        ...
+
+    @property
+    def remote(self) -> tuple[str, int]:
+        """The client's address (from trusted proxy headers when configured)."""
+        ...
 
     @property
     def query(self) -> dict[str, str]:

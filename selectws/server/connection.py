@@ -77,7 +77,7 @@ class PluginSession:
     buffers and the timers stay out of reach.
     """
 
-    __slots__ = ("_conn", "_groups", "_head", "_state", "_ws", "id", "params", "path", "remote", "subprotocol")
+    __slots__ = ("_conn", "_groups", "_head", "_state", "_ws", "params", "subprotocol")
 
     def __init__(
         self, conn: ServerConnection, ws: ServerProtocol, head: bytes, params: dict[str, str],
@@ -88,11 +88,20 @@ class PluginSession:
         self._head = head  # the upgrade request head; headers and query are read from it on demand
         self._state: dict[str, Any] | None = None
         self._groups: set[str] | None = None
-        self.id = conn.id
-        self.path = conn.path
-        self.remote = conn.remote
         self.params = params
         self.subprotocol = subprotocol
+
+    @property
+    def id(self) -> int:
+        return self._conn.id
+
+    @property
+    def path(self) -> str:
+        return self._conn.path
+
+    @property
+    def remote(self) -> tuple[str, int]:
+        return self._conn.remote
 
     @property
     def headers(self) -> Headers:

@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from selectws.config import Config, split_host_port
-from selectws.protocol.deflate import DeflateSettings, PerMessageDeflate, compress_shared
+from selectws.protocol.broadcast import SharedFrame
+from selectws.protocol.deflate import DeflateSettings
 from selectws.protocol.errors import CloseCode
 from selectws.protocol.events import Closed
-from selectws.protocol.frames import encode_frame
 from selectws.protocol.http11 import HttpLimits, build_response
 from selectws.server.api import Plugin, Session
 from selectws.server.broker import Broker, BrokerFactory, Deliver, MemoryBroker
@@ -518,34 +518,22 @@ class Server:
         return self.broker.publish(group, message, _exclude_ids(exclude))
 
     def _deliver(self, group: str, message: str | bytes, exclude: frozenset[int]) -> int:
-        """Local delivery of a group message: encode the frame once, hand the same bytes to every member."""
+        """Local delivery of a group message: each wire form is framed once, and the same bytes object is
+        queued on every member that takes it (:class:`SharedFrame`)."""
         members = self.groups.get(group)
         if not members:
             return 0
-        text = isinstance(message, str)
-        opcode = 0x01 if text else 0x02
-        payload: bytes = message.encode("utf-8") if text else message  # type: ignore[union-attr,assignment]
-        frame = encode_frame(opcode, payload)
-        compressed: dict[int, bytes] = {}  # window bits -> one compressed frame for every shareable recipient
+        settings = self.deflate_settings
+        shared = SharedFrame(message, settings.memory_level if settings is not None else 8)
+        plain = shared.plain
         count = 0
         for conn_id, conn in list(members.items()):
             if conn_id in exclude:
                 continue
             ext = conn.ws.extension
-            if ext is None or not ext.should_compress(len(payload)):
-                sent = conn.send_frame(frame)
-            elif isinstance(ext, PerMessageDeflate) and ext.params.shareable:
-                # No context takeover on our side: the same compressed bytes are valid for all such recipients.
-                bits = max(9, ext.params.server_max_window_bits)
-                shared = compressed.get(bits)
-                if shared is None:
-                    assert self.deflate_settings is not None
-                    shared = compressed[bits] = encode_frame(
-                        opcode, compress_shared(payload, bits, self.deflate_settings.memory_level), rsv1=True
-                    )
-                sent = conn.send_frame(shared)
-            else:
-                sent = conn.send_message(message)  # its own compression context
+            frame = plain if ext is None else shared.for_extension(ext)  # inline: the common case costs no call
+            # None: a recipient with its own compression context frames the message itself.
+            sent = conn.send_frame(frame) if frame is not None else conn.send_message(message)
             if sent:
                 count += 1
         self.counters.messages_out += count

@@ -7,7 +7,8 @@ where a TCP socket raises ``BlockingIOError``. (``SSLObject`` + ``MemoryBIO`` wo
 every byte through two BIOs in Python; the wrapped socket lets OpenSSL read and write the descriptor itself.)
 
 The choice is made once per connection, in :meth:`Server.accept_connection`: plain connections are a
-:class:`ServerConnection` and run exactly the code they always ran; TLS connections are a :class:`TlsServerConnection`, which
+:class:`ServerConnection` and run exactly the code they always ran; TLS connections are a
+:class:`TlsServerConnection`, which
 
 * drives ``do_handshake()`` from selector events first (want-read / want-write become read / write interest), under
   the same handshake timeout as the HTTP upgrade, closing the connection with a log line on any TLS error;

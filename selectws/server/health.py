@@ -4,46 +4,48 @@ The health check answers ``200 ok`` while the server accepts WebSocket connectio
 graceful shutdown has begun, so a load balancer stops sending new clients before the process goes away. Note that
 the WebSocket listeners close when draining starts: to see the 503, serve the operator endpoints on their own
 listener (``[ops] listen = "127.0.0.1:9100"``), which stays open until the process exits.
+
+Both endpoints read a :class:`~selectws.server.stats.ServerStats` snapshot from the provider they are given
+(``Server.stats``), nothing else of the server.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from selectws.server.metrics import metrics_handler
+from selectws.config import OpsConfig
 from selectws.protocol.http11 import Request
-
-if TYPE_CHECKING:
-    from selectws.config import OpsConfig
-    from selectws.server.routing import HttpHandler, HttpResult
-    from selectws.server.server import Server
+from selectws.server.metrics import metrics_handler
+from selectws.server.routing import HttpHandler, HttpResult
+from selectws.server.stats import ServerStats
 
 __all__ = ["healthz_handler", "ops_handlers"]
 
 _HEADERS = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
 
 
-def healthz_handler(server: Server) -> HttpHandler:
-    """An HTTP handler: ``200 ok`` while serving, ``503 draining`` once ``server.draining``."""
+def healthz_handler(stats: Callable[[], ServerStats]) -> HttpHandler:
+    """An HTTP handler: ``200 ok`` while serving, ``503 draining`` once the snapshot says ``draining``."""
 
     def handle(request: Request) -> HttpResult:
+        now = stats()
         # A broker that is down degrades (remote delivery) but does not stop serving: still 200, with a line saying so.
-        broker = server.broker.status()
-        extra = f"{broker}\n".encode() if broker else b""
-        if server.draining:
+        broker = now.broker
+        extra = f"{broker.status}\n".encode() if broker.status else b""
+        if now.draining:
             return 503, [*_HEADERS, ("Retry-After", "5")], b"draining\n" + extra
-        if broker is None:
+        if broker.status is None:
             return 200, list(_HEADERS), b"ok\n"
-        return 200, [*_HEADERS, ("X-Broker", "up" if server.broker.up else "down")], b"ok\n" + extra
+        return 200, [*_HEADERS, ("X-Broker", "up" if broker.up else "down")], b"ok\n" + extra
 
     return handle
 
 
-def ops_handlers(server: Server, ops: OpsConfig) -> dict[str, HttpHandler]:
+def ops_handlers(stats: Callable[[], ServerStats], ops: OpsConfig) -> dict[str, HttpHandler]:
     """The operator endpoints switched on in ``ops``, by URL path (for ``Router.http``)."""
     handlers: dict[str, HttpHandler] = {}
     if ops.healthz:
-        handlers[ops.healthz_path] = healthz_handler(server)
+        handlers[ops.healthz_path] = healthz_handler(stats)
     if ops.metrics:
-        handlers[ops.metrics_path] = metrics_handler(server)
+        handlers[ops.metrics_path] = metrics_handler(stats)
     return handlers

@@ -1,9 +1,9 @@
 """``/metrics``: the server's counters in the Prometheus text exposition format, version 0.0.4.
 
-The hot path only ever increments plain integers on :class:`~selectws.server.server.Server` (``accepted``,
-``messages_in``, ``close_codes[code]``, ...). Nothing here runs until a scraper asks: :func:`render_metrics` then
-walks those attributes once and formats them. There is no client library: the format is a few lines of text per
-metric family::
+The hot path only ever increments plain integers (:class:`~selectws.server.stats.Counters`). Nothing here runs
+until a scraper asks: the handler then takes one :class:`~selectws.server.stats.ServerStats` snapshot from the
+provider it was given and :func:`render_metrics` formats it; nothing of the server itself is read here. There is
+no client library: the format is a few lines of text per metric family::
 
     # HELP selectws_messages_received_total WebSocket messages received (after reassembly).
     # TYPE selectws_messages_received_total counter
@@ -17,15 +17,12 @@ from __future__ import annotations
 import math
 import resource
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
 
 from selectws import __version__
 from selectws.protocol.http11 import Request
-
-if TYPE_CHECKING:
-    from selectws.server.routing import HttpHandler, HttpResult
-    from selectws.server.server import Server
+from selectws.server.routing import HttpHandler, HttpResult
+from selectws.server.stats import ServerStats
 
 __all__ = ["CONTENT_TYPE", "MetricsWriter", "metrics_handler", "render_metrics"]
 
@@ -83,65 +80,61 @@ class MetricsWriter:
         return "\n".join(self._lines) + "\n"
 
 
-def render_metrics(server: Server) -> str:
-    """Every metric of ``server``, formatted now (this is the only place the counters are read)."""
+def render_metrics(stats: ServerStats) -> str:
+    """Every metric of the snapshot ``stats``, formatted now."""
     w = MetricsWriter()
     p = "selectws_"
     w.family(f"{p}build_info", "gauge", "Version of the running selectws.", [((("version", __version__),), 1)])
     w.counter(f"{p}connections_accepted_total", "TCP connections accepted (WebSocket and plain HTTP).",
-              server.accepted)
+              stats.accepted)
     w.counter(f"{p}accept_errors_total", "accept() failures for lack of resources (file descriptors, memory).",
-              server.accept_errors)
+              stats.accept_errors)
     w.family(f"{p}http_rejected_total", "counter", "Handshakes and HTTP requests answered with an error status.",
-             [((("status", str(status)),), n) for status, n in sorted(server.rejected.items())])
-    w.counter(f"{p}handshake_failures_total", "Opening handshakes refused or timed out.", server.handshake_failures)
-    w.counter(f"{p}messages_received_total", "WebSocket messages received (after reassembly).", server.messages_in)
+             [((("status", str(status)),), n) for status, n in sorted(stats.rejected.items())])
+    w.counter(f"{p}handshake_failures_total", "Opening handshakes refused or timed out.", stats.handshake_failures)
+    w.counter(f"{p}messages_received_total", "WebSocket messages received (after reassembly).", stats.messages_in)
     w.counter(f"{p}messages_sent_total", "WebSocket messages queued for sending (a broadcast counts each recipient).",
-              server.messages_out)
+              stats.messages_out)
     w.counter(f"{p}plugin_errors_total", "Plugin callbacks that raised (the connection is closed with 1011).",
-              server.plugin_errors)
+              stats.plugin_errors)
     w.counter(f"{p}slow_consumers_dropped_total", "Connections dropped because they did not read what we sent.",
-              server.slow_consumers_dropped)
+              stats.slow_consumers_dropped)
     w.family(f"{p}connections_closed_total", "counter", "WebSocket connections closed, by close code.",
-             [((("code", str(code)),), n) for code, n in sorted(server.close_codes.items())])
+             [((("code", str(code)),), n) for code, n in sorted(stats.close_codes.items())])
+    w.counter(f"{p}received_bytes_total", "Bytes read from client sockets.", stats.bytes_in)
+    w.counter(f"{p}sent_bytes_total", "Bytes written to client sockets.", stats.bytes_out)
 
-    live = list(server.clients.values())
-    w.counter(f"{p}received_bytes_total", "Bytes read from client sockets.",
-              server.closed_bytes_in + sum(c.bytes_in for c in live))
-    w.counter(f"{p}sent_bytes_total", "Bytes written to client sockets.",
-              server.closed_bytes_out + sum(c.bytes_out for c in live))
-
-    by_route: dict[str, int] = {route.path: 0 for route in server.router.routes}
-    for client in server.sessions.values():
-        route = client.route
-        if route is not None:
-            by_route[route.path] = by_route.get(route.path, 0) + 1
     w.family(f"{p}connections_open", "gauge", "Open WebSocket connections, by route.",
-             [((("route", path),), n) for path, n in by_route.items()])
-    w.gauge(f"{p}sockets_open", "Client sockets open (WebSocket, in handshake or closing).", len(live))
-    w.gauge(f"{p}groups", "Broadcast groups with at least one member.", len(server.groups))
+             [((("route", path),), n) for path, n in stats.open_by_route.items()])
+    w.gauge(f"{p}sockets_open", "Client sockets open (WebSocket, in handshake or closing).", stats.sockets_open)
+    w.gauge(f"{p}groups", "Broadcast groups with at least one member.", stats.groups)
     w.gauge(f"{p}write_buffer_bytes", "Bytes waiting in the write buffers of all connections.",
-            sum(len(c._wbuf) for c in live))
-    w.gauge(f"{p}draining", "1 while the server is shutting down, else 0.", 1 if server.draining else 0)
-    broker = server.broker
+            stats.write_buffer_bytes)
+    w.gauge(f"{p}draining", "1 while the server is shutting down, else 0.", 1 if stats.draining else 0)
+    broker = stats.broker
     w.family(f"{p}broker_up", "gauge", "1 while group messages reach the other instances (always 1 in memory).",
              [((("broker", broker.kind),), 1 if broker.up else 0)])
     w.counter(f"{p}broker_dropped_total", "Group messages delivered locally only: the broker was down or its "
               "write buffer full (or the connection was lost before Redis confirmed them).", broker.dropped)
     w.counter(f"{p}broker_reconnects_total", "Reconnections to the broker after a lost connection.",
               broker.reconnects)
-    for attr, help_text in (("published", "Group messages published to the broker."),
-                            ("received", "Group messages received from other instances through the broker.")):
-        if hasattr(broker, attr):
-            w.counter(f"{p}broker_{attr}_total", help_text, getattr(broker, attr))
+    # Only brokers that count them (Redis): the in-memory broker has nothing to publish, receive or fail.
+    for name, value, help_text in (
+        ("published", broker.published, "Group messages published to the broker."),
+        ("received", broker.received, "Group messages received from other instances through the broker."),
+        ("errors", broker.errors, "Error replies from the broker and messages from it that could not be decoded."),
+    ):
+        if value is not None:
+            w.counter(f"{p}broker_{name}_total", help_text, value)
 
-    loop = server.loop
-    w.gauge(f"{p}loop_lag_max_seconds", "Longest time one event-loop iteration took since start.", loop.max_lag)
-    w.counter(f"{p}loop_iterations_total", "Event-loop iterations.", loop.iterations)
+    w.gauge(f"{p}loop_lag_max_seconds", "Longest time one event-loop iteration took since start.", stats.loop_lag_max)
+    w.counter(f"{p}loop_iterations_total", "Event-loop iterations.", stats.loop_iterations)
+    w.gauge(f"{p}timers", "Timers in the event loop's heap (cancelled ones included until they are dropped).",
+            stats.timers)
 
     w.gauge(f"{p}process_start_time_seconds", "Start time of the server since the Unix epoch, in seconds.",
-            server.started_at)
-    w.gauge(f"{p}uptime_seconds", "Seconds since the server started.", max(0.0, time.time() - server.started_at))
+            stats.started_at)
+    w.gauge(f"{p}uptime_seconds", "Seconds since the server started.", max(0.0, time.time() - stats.started_at))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     w.counter(f"{p}process_cpu_seconds_total", "User and system CPU time spent, in seconds.",
               usage.ru_utime + usage.ru_stime)
@@ -149,11 +142,11 @@ def render_metrics(server: Server) -> str:
     return w.render()
 
 
-def metrics_handler(server: Server) -> HttpHandler:
-    """An HTTP handler (``Router.http``) answering with :func:`render_metrics`."""
+def metrics_handler(stats: Callable[[], ServerStats]) -> HttpHandler:
+    """An HTTP handler (``Router.http``) answering with :func:`render_metrics` of a fresh snapshot."""
 
     def handle(request: Request) -> HttpResult:
-        body = render_metrics(server).encode("utf-8")
+        body = render_metrics(stats()).encode("utf-8")
         return 200, [("Content-Type", CONTENT_TYPE), ("Cache-Control", "no-store")], body
 
     return handle

@@ -12,7 +12,15 @@ interleaved with replies), but needs Redis >= 6 and matching every reply to a co
 between. Two plain connections work with any Redis (and with Valkey, KeyDB, proxies that speak RESP2), keep
 each one's reply stream trivial, and a flood of incoming messages never delays outgoing ones.
 
-Replies are parsed by :class:`hiredis.Reader` (bytes in, replies out); commands are encoded here.
+Replies are parsed by :class:`hiredis.Reader` (bytes in, replies out); commands are encoded here, all of them by
+:func:`encode_command`.
+
+Setting up a connection: TCP, then TLS for ``rediss://``, then ``AUTH`` when there is a password and ``SELECT
+<db>`` when the URL names a database other than 0; a connection is up once Redis accepted both. The database
+only chooses a keyspace: the broker stores no keys, and Redis pub/sub channels are global across databases (a
+message published from db 3 reaches a subscriber on db 0), so ``/db`` does not separate groups --
+``channel_prefix`` does. SELECT is still sent so that a database Redis refuses (out of range, not allowed to
+this user, a cluster) shows up as a connection error instead of being silently ignored.
 
 Ordering and echo: a message published here is delivered to local members at once (same as the in-memory
 broker) and carries this instance's id, so when Redis hands it back on the subscription it is skipped. Redis
@@ -27,6 +35,7 @@ is not replayed. The write buffer is bounded by ``max_buffer``; a message past i
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import selectors
@@ -36,17 +45,20 @@ import struct
 from collections import deque
 from typing import Any
 
-from selectws.server.broker import Deliver
 from selectws.config import BrokerConfig, parse_redis_url
+from selectws.server.broker import Deliver
+from selectws.server.stats import BrokerStats
 from selectws.transport.loop import EventLoop, Timer
 from selectws.transport.tls import step_tls_handshake
 
+# hiredis is optional (the "redis" extra): without it this module still imports, and RedisBroker() says what to
+# install. This is the only reason for the try.
 try:
     import hiredis
 except ImportError:  # pragma: no cover - depends on the environment
     hiredis = None  # type: ignore[assignment]
 
-__all__ = ["RedisBroker", "decode_payload", "encode_command", "encode_payload"]
+__all__ = ["ConnectionState", "RedisBroker", "decode_payload", "encode_command", "encode_payload"]
 
 _VERSION = 1
 _HEADER = struct.Struct("!B8sBI")  # version, instance id, opcode (1 text, 2 binary), number of excluded ids
@@ -90,6 +102,22 @@ def encode_command(*args: bytes | str) -> bytes:
     return b"".join(out)
 
 
+class ConnectionState(enum.Enum):
+    """Where one connection to Redis is: DOWN -> CONNECTING -> (TLS_HANDSHAKE ->) (SETUP ->) UP."""
+
+    DOWN = "down"
+    CONNECTING = "connecting"  # TCP connect in progress
+    TLS_HANDSHAKE = "tls handshake"  # rediss://
+    SETUP = "setup"  # AUTH and/or SELECT sent, waiting for Redis to accept them
+    UP = "up"
+
+
+_DOWN = ConnectionState.DOWN
+_UP = ConnectionState.UP
+_SETUP = ConnectionState.SETUP
+_SETUP_TAGS = ("auth", "select")  # replies that complete SETUP
+
+
 class _Connection:
     """One non-blocking socket to Redis, registered with the loop; replies go to ``on_reply``."""
 
@@ -97,11 +125,12 @@ class _Connection:
         self.broker = broker
         self.name = name
         self.sock: socket.socket | ssl.SSLSocket | None = None
-        self.state = "down"  # down -> connecting -> (handshaking ->) (authenticating ->) up
+        self.state = _DOWN
         self.wbuf = bytearray()
         self.reader: Any = None
         self.events = 0
-        self.pending: deque[str] = deque()  # what each expected reply answers: "auth", "publish", "sub"
+        # What each expected reply answers: "auth", "select", "publish", "sub".
+        self.pending: deque[str] = deque()
 
     # -------------------------------------------------------------- connecting
     def connect(self, addr: Any, family: int) -> None:
@@ -120,7 +149,7 @@ class _Connection:
         self.reader = hiredis.Reader()
         self.wbuf.clear()
         self.pending.clear()
-        self.state = "connecting"
+        self.state = ConnectionState.CONNECTING
         err = sock.connect_ex(addr)
         if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
             self.fail(os.strerror(err))
@@ -149,7 +178,7 @@ class _Connection:
             except (ssl.SSLError, OSError) as exc:
                 self.fail(f"TLS: {exc}")
                 return
-            self.state = "handshaking"
+            self.state = ConnectionState.TLS_HANDSHAKE
             self._handshake()
             return
         self._up()
@@ -168,23 +197,34 @@ class _Connection:
         self._up()
 
     def _up(self) -> None:
-        password = self.broker.password
-        if password:  # up only once Redis said OK to AUTH
-            self.state = "authenticating"
-            self.pending.appendleft("auth")
-            self.wbuf[:0] = encode_command("AUTH", password)
+        """Connected (and TLS done): AUTH and SELECT first if needed; up once Redis accepted them."""
+        broker = self.broker
+        setup: list[tuple[str, bytes]] = []
+        if broker.password:
+            setup.append(("auth", encode_command("AUTH", broker.password)))
+        if broker.db:  # 0 is every connection's default: no round trip (and works where SELECT is refused)
+            setup.append(("select", encode_command("SELECT", str(broker.db))))
+        if setup:
+            self.state = _SETUP
+            self.pending.extendleft(tag for tag, _ in reversed(setup))
+            self.wbuf[:0] = b"".join(command for _, command in setup)
             self._set_events(selectors.EVENT_READ | selectors.EVENT_WRITE)
             return
         self.ready()
 
+    def setup_reply(self) -> None:
+        """Redis accepted an AUTH or SELECT: up when it was the last one."""
+        if not (self.pending and self.pending[0] in _SETUP_TAGS):
+            self.ready()
+
     def ready(self) -> None:
-        self.state = "up"
+        self.state = _UP
         self._set_events(selectors.EVENT_READ | (selectors.EVENT_WRITE if self.wbuf else 0))
         self.broker._connection_up(self)
 
     def fail(self, reason: str) -> None:
         """Close and tell the broker (which reconnects both connections after a backoff)."""
-        if self.state == "down":
+        if self.state is _DOWN:
             return
         self.close()
         self.broker._connection_lost(self, reason)
@@ -198,18 +238,18 @@ class _Connection:
                 pass
         self.sock = None
         self.events = 0
-        self.state = "down"
+        self.state = _DOWN
         self.wbuf.clear()
 
     # -------------------------------------------------------------- I/O
     def write(self, data: bytes, tag: str) -> None:
         self.pending.append(tag)
         self.wbuf += data
-        if self.state == "up":
+        if self.state is _UP:
             self.broker._dirty.add(self)
 
     def flush(self) -> None:
-        if self.state not in ("up", "authenticating") or self.sock is None or not self.wbuf:
+        if (self.state is not _UP and self.state is not _SETUP) or self.sock is None or not self.wbuf:
             return
         try:
             sent = self.sock.send(self.wbuf)
@@ -223,7 +263,7 @@ class _Connection:
 
     def handle_event(self, mask: int) -> None:
         state = self.state
-        if state == "connecting":
+        if state is ConnectionState.CONNECTING:
             assert self.sock is not None
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
@@ -231,14 +271,14 @@ class _Connection:
                 return
             self._connected()
             return
-        if state == "handshaking":
+        if state is ConnectionState.TLS_HANDSHAKE:
             self._handshake()
             return
-        if state not in ("up", "authenticating"):
+        if state is not _UP and state is not _SETUP:
             return
         if mask & selectors.EVENT_READ:
             self._read()
-        if self.state in ("up", "authenticating") and mask & selectors.EVENT_WRITE:
+        if (self.state is _UP or self.state is _SETUP) and mask & selectors.EVENT_WRITE:
             self.flush()
 
     def _read(self) -> None:
@@ -269,7 +309,7 @@ class _Connection:
             if reply is False:
                 return
             on_reply(self, reply)
-            if self.state not in ("up", "authenticating"):
+            if self.state is not _UP and self.state is not _SETUP:
                 return
 
 
@@ -285,6 +325,7 @@ class RedisBroker:
         self._deliver = deliver
         self.log = log
         self.config = config
+        # db: sent as SELECT on connect (see the module docstring: it does not separate pub/sub channels).
         self.host, self.port, self.db, self.tls, url_password = parse_redis_url("broker.url", config.url)
         self.password = config.password or url_password
         self.prefix = config.channel_prefix.encode("utf-8")
@@ -301,7 +342,7 @@ class RedisBroker:
         self._closed = False
         self._ever_up = False
         self.last_error = ""
-        # counters, read by /metrics
+        # counters, read by /metrics through stats()
         self.published = 0
         self.received = 0
         self.dropped = 0
@@ -312,7 +353,7 @@ class RedisBroker:
     # -------------------------------------------------------------- state
     @property
     def up(self) -> bool:
-        return self.pub.state == "up" and self.sub.state == "up"
+        return self.pub.state is _UP and self.sub.state is _UP
 
     def status(self) -> str:
         """One line for /healthz."""
@@ -320,6 +361,11 @@ class RedisBroker:
         if self.up:
             return f"broker redis {where}: up"
         return f"broker redis {where}: down ({self.last_error or 'connecting'}); local delivery only"
+
+    def stats(self) -> BrokerStats:
+        return BrokerStats(kind=self.kind, up=self.up, status=self.status(), dropped=self.dropped,
+                           reconnects=self.reconnects, published=self.published, received=self.received,
+                           errors=self.errors)
 
     def ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
@@ -350,16 +396,16 @@ class RedisBroker:
             return
         family, _, _, _, addr = infos[0]
         self.pub.connect(addr, family)
-        if self.pub.state != "down":
+        if self.pub.state is not _DOWN:
             self.sub.connect(addr, family)
-        if self.pub.state != "down" and self.sub.state != "down":
+        if self.pub.state is not _DOWN and self.sub.state is not _DOWN:
             self._connect_timer = self.loop.call_later(self.config.connect_timeout, self._connect_timeout)
 
     def _connect_timeout(self) -> None:
         self._connect_timer = None
         if not self.up:
             for conn in (self.pub, self.sub):
-                if conn.state != "up":
+                if conn.state is not _UP:
                     conn.fail("connect timeout")
                     return
 
@@ -388,7 +434,7 @@ class RedisBroker:
 
     def _connection_lost(self, conn: _Connection, reason: str) -> None:
         """Either connection failed: drop both, count what was unconfirmed, retry after a backoff."""
-        was_up = "up" in (self.pub.state, self.sub.state)
+        was_up = self.pub.state is _UP or self.sub.state is _UP
         unconfirmed = sum(1 for tag in self.pub.pending if tag == "publish")
         self.dropped += unconfirmed
         for other in (self.pub, self.sub):
@@ -418,20 +464,20 @@ class RedisBroker:
 
     def subscribe(self, group: str) -> None:
         self.groups.add(group)
-        if self.sub.state == "up":
+        if self.sub.state is _UP:
             self.sub.write(encode_command("SUBSCRIBE", self._channel(group)), "sub")
 
     def unsubscribe(self, group: str) -> None:
         self.groups.discard(group)
         channel = self._channel(group)
         del self._channels[group]
-        if self.sub.state == "up":
+        if self.sub.state is _UP:
             self.sub.write(encode_command("UNSUBSCRIBE", channel), "sub")
 
     def publish(self, group: str, message: str | bytes, exclude: frozenset[int]) -> int:
         count = self._deliver(group, message, exclude)
         pub = self.pub
-        if pub.state != "up":
+        if pub.state is not _UP:
             self.dropped += 1
             return count
         payload = encode_payload(self.instance, message, exclude)
@@ -439,8 +485,7 @@ class RedisBroker:
         if len(pub.wbuf) + len(payload) > self.config.max_buffer:
             self.dropped += 1
             return count
-        pub.write(b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(channel), channel, len(payload), payload),
-                  "publish")
+        pub.write(encode_command(b"PUBLISH", channel, payload), "publish")
         self.published += 1
         return count
 
@@ -457,12 +502,12 @@ class RedisBroker:
             self._on_message(reply[1], reply[2])
             return
         tag = conn.pending.popleft() if conn.pending else "?"
-        if tag == "auth":
+        if tag == "auth" or tag == "select":
             if isinstance(reply, hiredis.ReplyError):
                 self.errors += 1
-                conn.fail(f"AUTH refused: {reply}")
+                conn.fail(f"AUTH refused: {reply}" if tag == "auth" else f"SELECT {self.db} refused: {reply}")
             else:
-                conn.ready()
+                conn.setup_reply()
             return
         if isinstance(reply, hiredis.ReplyError):
             self.errors += 1

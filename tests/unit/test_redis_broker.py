@@ -8,7 +8,13 @@ import pytest
 
 hiredis = pytest.importorskip("hiredis", reason="the Redis broker needs hiredis: pip install 'selectws[redis]'")
 
-from selectws.brokers.redis import RedisBroker, decode_payload, encode_command, encode_payload  # noqa: E402
+from selectws.brokers.redis import (  # noqa: E402
+    ConnectionState,
+    RedisBroker,
+    decode_payload,
+    encode_command,
+    encode_payload,
+)
 from selectws.config import BrokerConfig, ConfigError, parse_config, parse_redis_url  # noqa: E402
 from selectws.transport.loop import EventLoop  # noqa: E402
 
@@ -78,7 +84,8 @@ class _Log:
         return lambda event, **kw: self.records.append((event, kw))
 
 
-def _broker() -> tuple[RedisBroker, list[tuple[str, str | bytes, frozenset[int]]]]:
+def _broker(url: str = "redis://127.0.0.1:1/0", password: str = "",
+            ) -> tuple[RedisBroker, list[tuple[str, str | bytes, frozenset[int]]]]:
     delivered: list[tuple[str, str | bytes, frozenset[int]]] = []
 
     def deliver(group: str, message: str | bytes, exclude: frozenset[int]) -> int:
@@ -86,7 +93,7 @@ def _broker() -> tuple[RedisBroker, list[tuple[str, str | bytes, frozenset[int]]
         return 1
 
     loop = EventLoop()
-    broker = RedisBroker(loop, deliver, BrokerConfig(url="redis://127.0.0.1:1/0", channel_prefix="p:"), _Log())
+    broker = RedisBroker(loop, deliver, BrokerConfig(url=url, password=password, channel_prefix="p:"), _Log())
     return broker, delivered
 
 
@@ -94,7 +101,7 @@ def test_subscription_messages_from_others_are_delivered_own_are_skipped() -> No
     broker, delivered = _broker()
     sub = broker.sub
     sub.reader = hiredis.Reader()
-    sub.state = "up"
+    sub.state = ConnectionState.UP
     other = b"\x09" * 8
     for instance, message in ((other, "from B"), (broker.instance, "mine"), (other, b"\x00bin")):
         payload = encode_payload(instance, message, frozenset({4}))
@@ -117,7 +124,7 @@ def test_publish_while_down_delivers_locally_and_counts_drop() -> None:
 
 def test_publish_when_up_buffers_one_publish_and_bounds_the_buffer() -> None:
     broker, delivered = _broker()
-    broker.pub.state = "up"
+    broker.pub.state = ConnectionState.UP
     broker.publish("g", "hi", frozenset())
     reader = hiredis.Reader()
     reader.feed(bytes(broker.pub.wbuf))
@@ -130,13 +137,79 @@ def test_publish_when_up_buffers_one_publish_and_bounds_the_buffer() -> None:
     # an error reply to a PUBLISH counts as dropped too
     broker._on_reply(broker.pub, hiredis.ReplyError("ERR boom"))
     assert broker.dropped == 2
+    assert broker.stats().errors == 1
+
+
+def _commands(wbuf: bytearray) -> list[Any]:
+    reader = hiredis.Reader()
+    reader.feed(bytes(wbuf))
+    out = []
+    while (command := reader.gets()) is not False:
+        out.append(command)
+    return out
+
+
+def test_publish_is_one_encoded_command() -> None:
+    broker, _ = _broker()
+    broker.pub.state = ConnectionState.UP
+    broker.publish("g", b"\r\n\x00", frozenset({3}))
+    payload = encode_payload(broker.instance, b"\r\n\x00", frozenset({3}))
+    assert bytes(broker.pub.wbuf) == encode_command("PUBLISH", "p:g", payload)
+
+
+@pytest.mark.parametrize(("url", "password", "expected"), [
+    ("redis://127.0.0.1:1/0", "", []),  # db 0 is the default: nothing to send
+    ("redis://127.0.0.1:1/3", "", [[b"SELECT", b"3"]]),
+    ("redis://127.0.0.1:1", "pw", [[b"AUTH", b"pw"]]),
+    ("redis://:pw@127.0.0.1:1/15", "", [[b"AUTH", b"pw"], [b"SELECT", b"15"]]),
+])
+def test_auth_and_select_before_anything_else(url: str, password: str, expected: list[Any]) -> None:
+    broker, _ = _broker(url, password)
+    conn = broker.pub
+    conn.wbuf += b"queued"  # anything already buffered goes after the setup commands
+    conn._up()
+    assert conn.wbuf.endswith(b"queued")
+    assert _commands(conn.wbuf[:len(conn.wbuf) - len(b"queued")]) == expected
+    assert list(conn.pending) == [c[0].decode().lower() for c in expected]
+    if not expected:
+        assert conn.state is ConnectionState.UP
+        return
+    assert conn.state is ConnectionState.SETUP
+    for _ in expected:
+        assert conn.state is ConnectionState.SETUP  # up only once Redis accepted every setup command
+        broker._on_reply(conn, b"OK")
+    assert conn.state is ConnectionState.UP and not conn.pending
+
+
+def test_a_refused_select_keeps_the_connection_down() -> None:
+    broker, _ = _broker("redis://127.0.0.1:1/99")
+    conn = broker.pub
+    conn._up()
+    broker._on_reply(conn, hiredis.ReplyError("ERR DB index is out of range"))
+    assert conn.state is ConnectionState.DOWN
+    assert "SELECT 99 refused" in broker.last_error
+    assert broker.stats().errors == 1
+    broker.close()
+
+
+def test_stats() -> None:
+    broker, _ = _broker()
+    broker.publish("g", "hi", frozenset())  # down: dropped
+    stats = broker.stats()
+    assert (stats.kind, stats.up, stats.dropped, stats.reconnects) == ("redis", False, 1, 0)
+    assert (stats.published, stats.received, stats.errors) == (0, 0, 0)
+    assert stats.status is not None and "down" in stats.status
+    broker.pub.state = broker.sub.state = ConnectionState.UP
+    broker.publish("g", "hi", frozenset())
+    stats = broker.stats()
+    assert stats.up and stats.published == 1 and stats.status is not None and stats.status.endswith(": up")
 
 
 def test_subscribe_and_unsubscribe_follow_membership() -> None:
     broker, _ = _broker()
     broker.subscribe("a")  # down: remembered, sent on connect
     assert broker.groups == {"a"} and not broker.sub.wbuf
-    broker.sub.state = "up"
+    broker.sub.state = ConnectionState.UP
     broker.subscribe("b")
     broker.unsubscribe("a")
     reader = hiredis.Reader()

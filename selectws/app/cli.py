@@ -6,15 +6,23 @@ and nothing listens.
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from selectws import __version__
+from selectws.app.activation import ActivationError, inherited_sockets
+from selectws.app.connect import ConnectOptions, parse_header, run
+from selectws.app.workers import run_workers
+from selectws.brokers import broker_factory
 from selectws.config import Config, ConfigError, load_config
-from selectws.transport.logs import configure_logging, get_logger
 from selectws.plugins.registry import find_plugin
+from selectws.server.server import Server
+from selectws.transport.logs import configure_logging, get_logger
+from selectws.transport.tls import build_context
 
 __all__ = ["main"]
 
@@ -22,6 +30,17 @@ __all__ = ["main"]
 def _load(config_path: str | None, overrides: dict[str, Any]) -> Config:
     return load_config(config_path, overrides={k: v for k, v in overrides.items() if v is not None},
                        plugin_resolver=find_plugin)
+
+
+def _reloader(config_path: str, overrides: dict[str, Any]) -> Callable[[], Config]:
+    """SIGHUP's reload: read ``config_path`` again (with the same flags on top) and apply its logging settings."""
+
+    def reload() -> Config:
+        new = _load(config_path, overrides)
+        configure_logging(new.logging.level, new.logging.format, flush_each=False)
+        return new
+
+    return reload
 
 
 def _config_error(exc: ConfigError, source: str | None) -> None:
@@ -57,9 +76,7 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_level
     # Lines are flushed once per loop iteration by the server (see selectws.transport.logs.flush_logs).
     configure_logging(config.logging.level, config.logging.format, flush_each=False)
     log = get_logger("selectws")
-
-    from selectws.app.activation import ActivationError, inherited_sockets
-    from selectws.server.server import Server
+    reload = _reloader(config_path, overrides) if config_path else None  # nothing to re-read without a file
 
     try:
         inherited = [sock for _, sock in inherited_sockets()]
@@ -67,31 +84,18 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_level
         log.error("socket activation failed", error=str(exc))
         sys.exit(1)
     if config.server.workers > 1:
-        from selectws.app.workers import run_workers
-
-        def reload_workers() -> Config:
-            new = _load(config_path, overrides)
-            configure_logging(new.logging.level, new.logging.format, flush_each=False)
-            return new
-
         try:
-            sys.exit(run_workers(config, inherited, reload_workers if config_path else None))
+            sys.exit(run_workers(config, inherited, reload))
         except OSError as exc:
             log.error("cannot listen", host=config.server.host, port=config.server.port, error=str(exc))
             sys.exit(1)
     try:
-        server = Server(config, inherited or None)
-    except Exception as exc:  # plugin constructors run here, and the [tls] certificate is loaded
+        # [broker] takes effect on restart: the broker is built once, here.
+        server = Server(config, plugins=find_plugin, sockets=inherited or None, broker=broker_factory(config.broker),
+                        reload=reload)
+    except Exception as exc:  # plugin constructors run here, the [tls] certificate and the broker are loaded
         log.error("cannot start", error=str(exc), key=getattr(exc, "key", None))
         sys.exit(1)
-
-    def reload() -> Config:
-        new = _load(config_path, overrides)
-        configure_logging(new.logging.level, new.logging.format, flush_each=False)
-        return new
-
-    if config_path:
-        server.reload_callback = reload  # type: ignore[attr-defined]
     try:
         server.run()
     except OSError as exc:
@@ -106,10 +110,6 @@ def check_config(config_path: str) -> None:
     try:
         config = _load(config_path, {})
         if config.tls.enabled:  # load the certificate and key as serve would
-            import os
-
-            from selectws.transport.tls import build_context
-
             build_context(config.tls, os.path.dirname(os.path.abspath(config_path)))
     except ConfigError as exc:
         _config_error(exc, config_path)
@@ -119,8 +119,6 @@ def check_config(config_path: str) -> None:
 
 
 def _headers_option(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:
-    from selectws.app.connect import parse_header
-
     try:
         return [parse_header(v) for v in values]
     except ValueError as exc:
@@ -162,8 +160,6 @@ def connect(url: str, headers: list[tuple[str, str]], subprotocols: tuple[str, .
       echo hi | selectws connect ws://127.0.0.1:8000/echo --once
       selectws connect ws://127.0.0.1:8000/chat -H 'Authorization: Bearer x'
     """
-    from selectws.app.connect import ConnectOptions, run
-
     options = ConnectOptions(
         url=url, headers=headers, subprotocols=subprotocols, origin=origin, ping_interval=ping_interval,
         compress=compress, once=once, keep_open=keep_open, timeout=timeout, binary=binary,

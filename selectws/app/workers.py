@@ -33,10 +33,14 @@ from typing import Any
 
 import structlog
 
+from selectws.brokers import broker_factory
 from selectws.config import Config, split_host_port
+from selectws.plugins.registry import find_plugin
+from selectws.server.server import Server
+from selectws.transport.listen import bind_listeners, format_address
 from selectws.transport.logs import flush_logs, get_logger
-from selectws.transport.sdnotify import Notifier, watchdog_interval
 from selectws.transport.loop import EventLoop, Timer
+from selectws.transport.sdnotify import Notifier, watchdog_interval
 
 __all__ = ["Supervisor", "run_workers"]
 
@@ -128,10 +132,11 @@ class Supervisor:
         for name in _CHILD_ENV:  # the supervisor alone talks to systemd
             os.environ.pop(name, None)
         self.inherited = bool(sockets)
-        self.sockets = sockets or _bind(config, config.server.host, config.server.port)
+        backlog = config.server.backlog
+        self.sockets = sockets or bind_listeners(config.server.host, config.server.port, backlog)
         self.ops_sockets: list[socket.socket] = []
         if config.ops.listen:
-            self.ops_sockets = _bind(config, *split_host_port("ops.listen", config.ops.listen))
+            self.ops_sockets = bind_listeners(*split_host_port("ops.listen", config.ops.listen), backlog)
         self.slots = [_Slot(i) for i in range(config.server.workers)]
         self.parent_pid = os.getpid()
         self.stopping = False
@@ -148,7 +153,7 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGINT, self._on_stop)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         loop.add_signal_handler(signal.SIGCHLD, self._on_child)
-        addresses = [_format(s.getsockname()) for s in self.sockets]
+        addresses = [format_address(s.getsockname()) for s in self.sockets]
         self.log.info("supervisor starting", workers=len(self.slots), addresses=addresses,
                       inherited=self.inherited, pid=os.getpid())
         for slot in self.slots:
@@ -206,19 +211,10 @@ class Supervisor:
                 except OSError:
                     pass
             _tag_logs(index)
-            from selectws.server.server import Server
-
-            server = Server(self.config, self.sockets, notifier=_WorkerNotifier(ready_fd),
-                            ops_sockets=self.ops_sockets or None)
-            if self.reload is not None:
-                reload = self.reload
-
-                def reload_and_tag() -> Config:
-                    config = reload()
-                    _tag_logs(index)
-                    return config
-
-                server.reload_callback = reload_and_tag  # type: ignore[attr-defined]
+            server = Server(self.config, plugins=find_plugin, sockets=self.sockets,
+                            ops_sockets=self.ops_sockets or None, notifier=_WorkerNotifier(ready_fd),
+                            broker=broker_factory(self.config.broker),
+                            reload=None if self.reload is None else _reload_and_tag(self.reload, index))
             _watch_parent(server, self.parent_pid)
             server.run()
             code = 0
@@ -341,7 +337,18 @@ class Supervisor:
         self.loop.call_later(interval, lambda: self._watchdog(interval))
 
 
-def _watch_parent(server: Any, parent: int) -> None:
+def _reload_and_tag(reload: Callable[[], Config], index: int) -> Callable[[], Config]:
+    """A worker's reload: ``reload``, then tag the log lines again (the reload may have reconfigured logging)."""
+
+    def reload_and_tag() -> Config:
+        config = reload()
+        _tag_logs(index)
+        return config
+
+    return reload_and_tag
+
+
+def _watch_parent(server: Server, parent: int) -> None:
     """A worker whose supervisor is gone (SIGKILL, a crash) drains and exits instead of holding the port forever.
 
     Under systemd, KillMode=mixed also kills what is left of the unit; elsewhere this is the only way out.
@@ -358,24 +365,10 @@ def _watch_parent(server: Any, parent: int) -> None:
     server.loop.call_later(1.0, check)
 
 
-def _bind(config: Config, host: str, port: int) -> list[socket.socket]:
-    """Bind like the server does (every address of ``host``; IPv6 sockets v6-only; SO_REUSEADDR)."""
-    from selectws.server.server import Server
-
-    class _Shim:  # Server._bind reads only config.server.backlog
-        pass
-
-    shim = _Shim()
-    shim.config = config  # type: ignore[attr-defined]
-    socks: list[socket.socket] = Server._bind(shim, host, port)  # type: ignore[arg-type]
-    return socks
-
-
-def _format(addr: Any) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
 def run_workers(config: Config, sockets: list[socket.socket], reload: Callable[[], Config] | None) -> int:
-    """Bind (unless ``sockets`` came from systemd), fork ``config.server.workers`` workers, supervise them."""
+    """Bind (unless ``sockets`` came from systemd), fork ``config.server.workers`` workers, supervise them.
+
+    ``reload`` re-reads the configuration on SIGHUP, in the supervisor (for workers started later) and in each
+    worker. Each worker builds its own broker (its own connections to Redis) from the configuration it starts with.
+    """
     return Supervisor(config, sockets, reload).run()

@@ -20,7 +20,7 @@ Usage::
     ...
     notifier.watchdog()                     # from a loop timer every `interval` seconds
     notifier.reloading(); ...; notifier.ready()
-    notifier.stopping()
+    notifier.send("STOPPING=1", status="draining")
     notifier.close()
 """
 
@@ -30,7 +30,6 @@ import os
 import socket
 import time
 from collections.abc import Mapping
-from types import TracebackType
 
 __all__ = ["Notifier", "watchdog_interval"]
 
@@ -162,10 +161,6 @@ class Notifier:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         return self.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
 
-    def stopping(self) -> bool:
-        """``STOPPING=1``: graceful shutdown has begun."""
-        return self.notify("STOPPING=1")
-
     def status(self, text: str) -> bool:
         """``STATUS=text``: free-form status shown by ``systemctl status``."""
         return self.notify(f"STATUS={_clean(text)}")
@@ -174,10 +169,6 @@ class Notifier:
         """``WATCHDOG=1``: keep-alive ping; see :func:`watchdog_interval`."""
         return self.notify("WATCHDOG=1")
 
-    def extend_timeout(self, seconds: float) -> bool:
-        """``EXTEND_TIMEOUT_USEC=``: ask for more time to finish starting, reloading or stopping."""
-        return self.notify(f"EXTEND_TIMEOUT_USEC={max(0, int(seconds * 1_000_000))}")
-
     # -- lifetime ----------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -185,17 +176,6 @@ class Notifier:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
-
-    def __enter__(self) -> Notifier:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Notifier(address={self._address!r})"

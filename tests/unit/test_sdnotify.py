@@ -8,6 +8,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,6 @@ def test_disabled_notifier_is_a_no_op(value: str | None) -> None:
     assert notifier.ready() is False
     assert notifier.ready("up") is False
     assert notifier.reloading() is False
-    assert notifier.stopping() is False
     assert notifier.status("x") is False
     assert notifier.watchdog() is False
     assert notifier.notify("READY=1") is False
@@ -103,7 +103,7 @@ def test_disabled_notifier_is_a_no_op(value: str | None) -> None:
 
 def test_messages(listener: tuple[socket.socket, str]) -> None:
     sock, env_value = listener
-    with Notifier.from_env({"NOTIFY_SOCKET": env_value}) as notifier:
+    with closing(Notifier.from_env({"NOTIFY_SOCKET": env_value})) as notifier:
         assert notifier.ready() is True
         assert _recv(sock) == b"READY=1"
         assert notifier.ready(status="listening on [::]:8000") is True
@@ -112,17 +112,15 @@ def test_messages(listener: tuple[socket.socket, str]) -> None:
         assert _recv(sock) == b"STATUS=3 connections"
         assert notifier.watchdog() is True
         assert _recv(sock) == b"WATCHDOG=1"
-        assert notifier.stopping() is True
-        assert _recv(sock) == b"STOPPING=1"
-        assert notifier.extend_timeout(2.5) is True
-        assert _recv(sock) == b"EXTEND_TIMEOUT_USEC=2500000"
+        assert notifier.send("STOPPING=1", status="draining") is True
+        assert _recv(sock) == b"STOPPING=1\nSTATUS=draining"
         assert notifier.notify("FDSTORE=0") is True
         assert _recv(sock) == b"FDSTORE=0"
 
 
 def test_reloading_carries_monotonic_usec(listener: tuple[socket.socket, str]) -> None:
     sock, env_value = listener
-    with Notifier.from_env({"NOTIFY_SOCKET": env_value}) as notifier:
+    with closing(Notifier.from_env({"NOTIFY_SOCKET": env_value})) as notifier:
         before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         assert notifier.reloading() is True
         after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -137,7 +135,7 @@ def test_reloading_carries_monotonic_usec(listener: tuple[socket.socket, str]) -
 
 def test_send_fields_and_raw(path_listener: tuple[socket.socket, str]) -> None:
     sock, path = path_listener
-    with Notifier.from_env({"NOTIFY_SOCKET": path}) as notifier:
+    with closing(Notifier.from_env({"NOTIFY_SOCKET": path})) as notifier:
         assert notifier.send(READY=1, status="up") is True
         assert _recv(sock) == b"READY=1\nSTATUS=up"
         assert notifier.send("STATUS=raw", errno=0) is True
@@ -147,7 +145,7 @@ def test_send_fields_and_raw(path_listener: tuple[socket.socket, str]) -> None:
 
 def test_newlines_cannot_forge_assignments(path_listener: tuple[socket.socket, str]) -> None:
     sock, path = path_listener
-    with Notifier.from_env({"NOTIFY_SOCKET": path}) as notifier:
+    with closing(Notifier.from_env({"NOTIFY_SOCKET": path})) as notifier:
         notifier.status("bad\nREADY=1")
         assert _recv(sock) == b"STATUS=bad READY=1"
         notifier.ready("a\r\nb")
@@ -199,7 +197,7 @@ def test_missing_socket_returns_false(tmp_path: Path) -> None:
 def test_missing_abstract_socket_returns_false() -> None:
     """ECONNREFUSED: nobody bound the abstract name."""
     notifier = Notifier.from_env({"NOTIFY_SOCKET": f"@selectws-test-{secrets.token_hex(8)}-absent"})
-    assert notifier.stopping() is False
+    assert notifier.ready() is False
     notifier.close()
 
 

@@ -1,4 +1,4 @@
-"""Frame-level pieces of RFC 6455 section 5: opcodes, header encoding, masking, close payloads.
+"""Frame-level pieces of RFC 6455 section 5: header encoding, masking, close payloads.
 
 Everything here is a pure function of bytes. The parser itself lives in :mod:`selectws.protocol.connection`
 because it needs the connection's state (fragmentation, limits) to judge a header before the payload arrives.
@@ -7,14 +7,10 @@ because it needs the connection's state (fragmentation, limits) to judge a heade
 from __future__ import annotations
 
 import struct
-from enum import IntEnum
 
 from selectws.protocol.errors import CloseCode, ProtocolError, is_valid_close_code
 
 __all__ = [
-    "CONTROL_OPCODES",
-    "DATA_OPCODES",
-    "Opcode",
     "encode_close_payload",
     "encode_frame",
     "encode_header",
@@ -23,20 +19,6 @@ __all__ = [
     "parse_close_payload",
 ]
 
-
-class Opcode(IntEnum):
-    """Frame opcodes, RFC 6455 section 5.2 (the reserved ones 0x3-0x7 and 0xB-0xF are refused)."""
-
-    CONTINUATION = 0x0
-    TEXT = 0x1
-    BINARY = 0x2
-    CLOSE = 0x8
-    PING = 0x9
-    PONG = 0xA
-
-
-DATA_OPCODES = frozenset({0x0, 0x1, 0x2})
-CONTROL_OPCODES = frozenset({0x8, 0x9, 0xA})
 
 _PACK_16 = struct.Struct("!BBH").pack
 _PACK_64 = struct.Struct("!BBQ").pack

@@ -123,11 +123,7 @@ class Headers:
         Connections keep their request head as one ``bytes`` object and build :class:`Headers` only when a
         plugin asks: twenty small strings per connection would be most of an idle connection's memory.
         """
-        items = []
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            items.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
-        return cls(items)
+        return cls(_parse_fields(head.split(b"\r\n")[1:], strict=False))
 
 
 @dataclass(slots=True)
@@ -168,9 +164,25 @@ class Response:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
 
 
-def _find_head_end(buf: bytes | bytearray, limit: int) -> int:
-    end = buf.find(b"\r\n\r\n", 0, limit + 4)
-    return end
+def _parse_fields(lines: list[bytes], *, strict: bool = True) -> list[tuple[str, str]]:
+    """The header fields of a head's lines (after the start line): the one field parser of this module.
+
+    ``strict`` judges them (RFC 9112 section 5: no obsolete folding, a token for a name, no control characters
+    in a value); without it the lines are known to be valid already (a head kept after :func:`parse_request`).
+    """
+    items: list[tuple[str, str]] = []
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        value = value.strip(b" \t")
+        if strict:
+            if line[:1] in (b" ", b"\t"):
+                raise HandshakeError(400, "obsolete header line folding")
+            if not sep or not _TOKEN.match(name):
+                raise HandshakeError(400, "malformed header field")
+            if _BAD_VALUE.search(value):
+                raise HandshakeError(400, "control character in a header value")
+        items.append((name.decode("ascii"), value.decode("latin-1")))
+    return items
 
 
 def parse_request(buf: bytes | bytearray, limits: HttpLimits = HttpLimits()) -> tuple[Request, int] | None:
@@ -186,7 +198,7 @@ def parse_request(buf: bytes | bytearray, limits: HttpLimits = HttpLimits()) -> 
         if len(buf) - buf.endswith(b"\r") > limits.max_request_line:
             raise HandshakeError(414, "request line too long")
         return None
-    end = _find_head_end(buf, limits.max_header_bytes)
+    end = buf.find(b"\r\n\r\n", 0, limits.max_header_bytes + 4)
     if end < 0:
         # The head may be up to max_header_bytes before its CRLFCRLF (as when it arrives in one piece): it can
         # no longer fit only once the terminator could not end within max_header_bytes + 4.
@@ -213,17 +225,7 @@ def parse_request(buf: bytes | bytearray, limits: HttpLimits = HttpLimits()) -> 
         raise HandshakeError(505, f"HTTP/{major}.{minor} is not supported")
     if len(lines) - 1 > limits.max_header_count:
         raise HandshakeError(431, "too many header fields")
-    items: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        if line[:1] in (b" ", b"\t"):
-            raise HandshakeError(400, "obsolete header line folding")
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.match(name):
-            raise HandshakeError(400, "malformed header field")
-        value = value.strip(b" \t")
-        if _BAD_VALUE.search(value):
-            raise HandshakeError(400, "control character in a header value")
-        items.append((name.decode("ascii"), value.decode("latin-1")))
+    items = _parse_fields(lines[1:])
     try:
         target_text = target.decode("ascii")
     except UnicodeDecodeError:
@@ -268,12 +270,7 @@ def parse_response(buf: bytes | bytearray, max_bytes: int = 65536) -> tuple[Resp
     match = _VERSION.match(parts[0]) if parts else None
     if len(parts) < 2 or not match or not parts[1].isdigit() or len(parts[1]) != 3:
         raise HandshakeError(400, "malformed status line")
-    items: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.match(name):
-            raise HandshakeError(400, "malformed header field")
-        items.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
+    items = _parse_fields(lines[1:])
     reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
     version = (int(match.group(1)), int(match.group(2)))
     return Response(int(parts[1]), reason, version, Headers(items)), end + 4

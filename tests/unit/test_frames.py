@@ -13,9 +13,6 @@ import pytest
 
 from selectws.protocol.errors import CloseCode, ProtocolError, is_valid_close_code
 from selectws.protocol.frames import (
-    CONTROL_OPCODES,
-    DATA_OPCODES,
-    Opcode,
     encode_close_payload,
     encode_frame,
     encode_header,
@@ -23,19 +20,14 @@ from selectws.protocol.frames import (
     parse_close_payload,
 )
 
+CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA  # RFC 6455 section 5.2
+
 RFC_MASK = b"\x37\xfa\x21\x3d"  # the mask of the RFC 6455 section 5.7 examples
 
 
 def reference_mask(payload: bytes, mask: bytes) -> bytes:
     """The RFC's definition, literally: octet i of the result is octet i of the payload XOR mask[i % 4]."""
     return bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-class TestOpcodes:
-    def test_values(self) -> None:
-        assert [int(o) for o in Opcode] == [0x0, 0x1, 0x2, 0x8, 0x9, 0xA]
-        assert frozenset({0, 1, 2}) == DATA_OPCODES
-        assert frozenset({8, 9, 10}) == CONTROL_OPCODES
 
 
 class TestSection5_2HeaderEncoding:
@@ -72,18 +64,18 @@ class TestSection5_2HeaderEncoding:
             assert encode_header(first, 3) == bytes((first, 3))
 
     def test_encode_frame_flags(self) -> None:
-        assert encode_frame(Opcode.TEXT, b"a") == b"\x81\x01a"
-        assert encode_frame(Opcode.TEXT, b"a", fin=False) == b"\x01\x01a"
-        assert encode_frame(Opcode.CONTINUATION, b"b") == b"\x80\x01b"
-        assert encode_frame(Opcode.BINARY, b"c", rsv1=True) == b"\xc2\x01c"
-        assert encode_frame(Opcode.PING, b"") == b"\x89\x00"
-        assert encode_frame(Opcode.CLOSE, b"\x03\xe8") == b"\x88\x02\x03\xe8"
+        assert encode_frame(TEXT, b"a") == b"\x81\x01a"
+        assert encode_frame(TEXT, b"a", fin=False) == b"\x01\x01a"
+        assert encode_frame(CONT, b"b") == b"\x80\x01b"
+        assert encode_frame(BINARY, b"c", rsv1=True) == b"\xc2\x01c"
+        assert encode_frame(PING, b"") == b"\x89\x00"
+        assert encode_frame(CLOSE, b"\x03\xe8") == b"\x88\x02\x03\xe8"
 
     @pytest.mark.parametrize("length", [0, 1, 125, 126, 65535, 65536])
     def test_encode_frame_masked_boundaries(self, length: int) -> None:
         payload = bytes(i & 0xFF for i in range(length))
         mask = b"\x01\x02\x03\x04"
-        frame = encode_frame(Opcode.BINARY, payload, mask=mask)
+        frame = encode_frame(BINARY, payload, mask=mask)
         header = encode_header(0x82, length, 0x80)
         assert frame[: len(header)] == header
         assert frame[len(header) : len(header) + 4] == mask
@@ -138,31 +130,31 @@ class TestSection5_3Masking:
 
 class TestSection5_7Examples:
     def test_unmasked_hello(self) -> None:
-        assert encode_frame(Opcode.TEXT, b"Hello") == bytes([0x81, 0x05, 0x48, 0x65, 0x6C, 0x6C, 0x6F])
+        assert encode_frame(TEXT, b"Hello") == bytes([0x81, 0x05, 0x48, 0x65, 0x6C, 0x6C, 0x6F])
 
     def test_masked_hello(self) -> None:
         expected = bytes([0x81, 0x85, 0x37, 0xFA, 0x21, 0x3D, 0x7F, 0x9F, 0x4D, 0x51, 0x58])
-        assert encode_frame(Opcode.TEXT, b"Hello", mask=RFC_MASK) == expected
+        assert encode_frame(TEXT, b"Hello", mask=RFC_MASK) == expected
         assert mask_payload(expected[6:], RFC_MASK) == b"Hello"
 
     def test_fragmented_unmasked_text(self) -> None:
-        assert encode_frame(Opcode.TEXT, b"Hel", fin=False) == bytes([0x01, 0x03, 0x48, 0x65, 0x6C])
-        assert encode_frame(Opcode.CONTINUATION, b"lo") == bytes([0x80, 0x02, 0x6C, 0x6F])
+        assert encode_frame(TEXT, b"Hel", fin=False) == bytes([0x01, 0x03, 0x48, 0x65, 0x6C])
+        assert encode_frame(CONT, b"lo") == bytes([0x80, 0x02, 0x6C, 0x6F])
 
     def test_ping_and_pong(self) -> None:
-        assert encode_frame(Opcode.PING, b"Hello") == bytes([0x89, 0x05, 0x48, 0x65, 0x6C, 0x6C, 0x6F])
+        assert encode_frame(PING, b"Hello") == bytes([0x89, 0x05, 0x48, 0x65, 0x6C, 0x6C, 0x6F])
         expected_pong = bytes([0x8A, 0x85, 0x37, 0xFA, 0x21, 0x3D, 0x7F, 0x9F, 0x4D, 0x51, 0x58])
-        assert encode_frame(Opcode.PONG, b"Hello", mask=RFC_MASK) == expected_pong
+        assert encode_frame(PONG, b"Hello", mask=RFC_MASK) == expected_pong
 
     def test_256_bytes_binary(self) -> None:
         payload = bytes(range(256))
-        frame = encode_frame(Opcode.BINARY, payload)
+        frame = encode_frame(BINARY, payload)
         assert frame[:4] == b"\x82\x7e\x01\x00"
         assert frame[4:] == payload
 
     def test_64_kib_binary(self) -> None:
         payload = bytes(65536)
-        frame = encode_frame(Opcode.BINARY, payload)
+        frame = encode_frame(BINARY, payload)
         assert frame[:10] == b"\x82\x7f\x00\x00\x00\x00\x00\x01\x00\x00"
         assert len(frame) == 10 + 65536
 

@@ -29,6 +29,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Final, TypeVar
+from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -555,8 +556,6 @@ def parse_config(
 
 def parse_redis_url(key: str, url: str) -> tuple[str, int, int, bool, str]:
     """``redis://[:password@]host[:port][/db]`` (``rediss://`` = TLS) -> (host, port, db, tls, password)."""
-    from urllib.parse import unquote, urlsplit
-
     try:
         parts = urlsplit(url)
         port = parts.port or 6379

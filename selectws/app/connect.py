@@ -2,13 +2,14 @@
 
 One socket and stdin in a ``selectors`` loop, no threads, no asyncio:
 
-* the opening handshake is :func:`selectws.protocol.handshake.build_client_request` written to a blocking socket
-  and the answer read with :func:`selectws.protocol.http11.parse_response` under ``--timeout``; permessage-deflate
-  is offered with :func:`selectws.protocol.deflate.client_offer` and the answer checked with
-  :func:`selectws.protocol.deflate.accept_response`;
-* then the socket goes non-blocking and a :class:`selectws.protocol.connection.Connection` in the ``CLIENT`` role
-  turns bytes into events and messages into masked frames; ``wss://`` is the same over an ``ssl`` socket (whose
-  decrypted bytes may wait inside OpenSSL, so each readable event reads until it would block);
+* the opening handshake is a :class:`selectws.protocol.handshake.ClientProtocol`: ``connect(...)`` makes the
+  upgrade request (permessage-deflate offered unless ``--no-compress``), its bytes go out on a blocking socket and
+  the answer's bytes go back in under ``--timeout`` until the protocol object has left CONNECTING: OPEN with the
+  chosen subprotocol and extension, or CLOSED with ``handshake_error`` saying why;
+* then the socket goes non-blocking and the same object turns bytes into events and messages into masked frames;
+  ``wss://`` is the same over an ``ssl`` socket (whose decrypted bytes may wait inside OpenSSL, so each readable
+  event reads until it would block). The driver never writes the protocol's state: a lost transport or a close
+  timeout is ``abort()``, the server's end of stream ``receive_eof()``;
 * each stdin line is one message (text, or with ``--binary`` the line decoded from hex or base64); each message
   received is printed on a line of its own (binary ones in hex or base64).
 
@@ -33,12 +34,12 @@ from dataclasses import dataclass, field
 from typing import TextIO
 from urllib.parse import quote, unquote, urlsplit
 
-from selectws.protocol.connection import CLIENT, Connection, State
-from selectws.protocol.deflate import DeflateSettings, PerMessageDeflate, accept_response, client_offer
-from selectws.protocol.errors import CloseCode, HandshakeError
-from selectws.protocol.events import Closed, Event, Message, Pong
-from selectws.protocol.handshake import build_client_request, check_accept_response, make_key
-from selectws.protocol.http11 import REASONS, Response, parse_response
+from selectws.protocol.connection import State
+from selectws.protocol.deflate import DeflateSettings
+from selectws.protocol.errors import CloseCode
+from selectws.protocol.events import Closed, Event, HandshakeFailed, Message, Pong
+from selectws.protocol.handshake import ClientProtocol
+from selectws.protocol.http11 import REASONS, Response
 
 __all__ = [
     "ClientError",
@@ -156,7 +157,7 @@ class WebSocketClient:
         self.out = out if out is not None else sys.stdout
         self.err = err if err is not None else sys.stderr
         self.sock: socket.socket | None = None
-        self.conn: Connection | None = None
+        self.conn: ClientProtocol | None = None
         self.subprotocol: str | None = None
         self.compressed = False
         self._wbuf = bytearray()
@@ -218,40 +219,66 @@ class WebSocketClient:
             pass
         if target.secure:
             self.sock = sock = self._wrap_tls(sock, target, where)
-        key = make_key()
+        self._handshake(sock, target, where, deadline)
+
+    def _handshake(self, sock: socket.socket, target: Target, where: str, deadline: float) -> None:
+        """The opening handshake: the request's bytes out, the answer's bytes in, until the protocol object has
+        left CONNECTING; then the events that came with the answer (frames right behind the 101)."""
+        opts = self.opts
         headers = list(opts.headers)
         if target.authorization and not any(k.lower() == "authorization" for k, _ in headers):
             headers.append(("Authorization", target.authorization))
-        request = build_client_request(
+        self.conn = conn = ClientProtocol(max_message_size=opts.max_message_size)
+        request = conn.connect(
             target.host_header,
             target.resource,
-            key,
             subprotocols=opts.subprotocols,
-            extensions=client_offer(opts.deflate) if opts.compress else None,
+            deflate=opts.deflate if opts.compress else None,
             origin=opts.origin,
-            extra_headers=headers,
+            headers=headers,
         )
+        conn.send_request(request)
+        events: list[Event] = []
+        answered = False
         try:
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            sock.sendall(request)
-            response, rest = self._read_response(sock, deadline)
+            while conn.state is State.CONNECTING:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+                if conn.has_output:
+                    sock.sendall(conn.data_to_send())
+                    continue
+                chunk = sock.recv(65536)
+                if not chunk:
+                    conn.receive_eof()
+                    how = "mid-answer" if answered else "without answering"
+                    raise ClientError(f"handshake failed: the server closed the connection {how}")
+                answered = True
+                events = conn.receive_data(chunk)
         except TimeoutError:
+            conn.abort("opening handshake timed out")
             raise ClientError(f"handshake failed: no answer from {where} within {opts.timeout:g} s") from None
         except OSError as exc:
+            conn.abort("connection lost during the opening handshake")
             raise ClientError(f"handshake failed: {exc.strerror or exc}") from None
-        if response.status != 101:
-            reason = response.reason or REASONS.get(response.status, "")
-            detail = self._error_body(response, rest)
-            raise ClientError(f"handshake failed: {response.status} {reason}".rstrip() + detail)
-        try:
-            self.subprotocol = check_accept_response(response, key, opts.subprotocols)
-            extension = self._negotiate_extensions(response)
-        except HandshakeError as exc:
-            raise ClientError(f"handshake failed: {exc.reason}") from None
-        self.conn = Connection(CLIENT, max_message_size=opts.max_message_size, extension=extension)
+        first = events[0] if events else None
+        if type(first) is HandshakeFailed:  # not an HTTP response head at all
+            raise ClientError(f"handshake failed: {first.reason} (is this a WebSocket server?)")
+        error = conn.handshake_error
+        if error is not None:
+            response = first if type(first) is Response else None
+            if response is not None and response.status != 101:
+                reason = response.reason or REASONS.get(response.status, "")
+                detail = self._error_body(response)
+                raise ClientError(f"handshake failed: {response.status} {reason}".rstrip() + detail)
+            raise ClientError(f"handshake failed: {error.reason}")
+        self.subprotocol = conn.subprotocol
+        self.compressed = conn.extension is not None
         sock.setblocking(False)
-        if rest:
-            self._handle(self.conn.receive_data(rest))
+        # Frames that came right behind the 101 (a greeting, even a close) are events already.
+        self._handle(events[1:])
+        self._release_held()
 
     def _wrap_tls(self, sock: socket.socket, target: Target, where: str) -> ssl.SSLSocket:
         opts = self.opts
@@ -277,29 +304,9 @@ class WebSocketClient:
                 raise ClientError(f"TLS handshake with {where} timed out") from None
             raise ClientError(f"TLS handshake with {where} failed: {exc}") from None
 
-    def _read_response(self, sock: socket.socket, deadline: float) -> tuple[Response, bytes]:
-        buf = bytearray()
-        while True:
-            try:
-                parsed = parse_response(buf)
-            except HandshakeError as exc:
-                raise ClientError(f"handshake failed: {exc.reason} (is this a WebSocket server?)") from None
-            if parsed is not None:
-                response, used = parsed
-                return response, bytes(buf[used:])
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            sock.settimeout(remaining)
-            chunk = sock.recv(65536)
-            if not chunk:
-                if buf:
-                    raise ClientError("handshake failed: the server closed the connection mid-answer")
-                raise ClientError("handshake failed: the server closed the connection without answering")
-            buf += chunk
-
-    def _error_body(self, response: Response, rest: bytes) -> str:
+    def _error_body(self, response: Response) -> str:
         """The first line of a refusal's body when it came with the head (the daemon says why it refused)."""
+        rest = response.body
         if not rest or not (response.headers.get("Content-Type") or "").startswith("text/plain"):
             return ""
         line = rest.decode("utf-8", "replace").strip().splitlines()[:1]
@@ -307,18 +314,6 @@ class WebSocketClient:
         if not text or text in (f"{response.status} {response.reason}", str(response.status)):
             return ""
         return f"\nselectws: the server said: {text}"
-
-    def _negotiate_extensions(self, response: Response) -> PerMessageDeflate | None:
-        values = response.headers.get_all("Sec-WebSocket-Extensions")
-        if not values:
-            return None
-        if not self.opts.compress:
-            raise HandshakeError(400, f"server accepted extensions that were not offered: {', '.join(values)}")
-        params = accept_response(values, self.opts.deflate)
-        if params is None:
-            return None
-        self.compressed = True
-        return PerMessageDeflate(params, is_server=False, memory_level=self.opts.deflate.memory_level)
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
@@ -369,6 +364,7 @@ class WebSocketClient:
         assert conn is not None
         if self._close_deadline is not None and now >= self._close_deadline:
             self._say(f"no close frame from the server within {self.opts.timeout:g} s; closing the connection")
+            conn.abort("no close frame from the server")
             self._status = self._closing_status
             return
         if self._once_deadline is not None and now >= self._once_deadline:
@@ -406,14 +402,21 @@ class WebSocketClient:
                 self._handle(conn.receive_eof())
                 return
             self._handle(conn.receive_data(data))
+            self._release_held()
+
+    def _release_held(self) -> None:
+        """Events held back behind messages (a close frame, a violation): once those are handled, the rest."""
+        conn = self.conn
+        assert conn is not None
+        while conn.events_held:
+            self._handle(conn.receive_data(b""))
 
     def _flush(self) -> None:
         sock, conn = self.sock, self.conn
         if sock is None or conn is None:
             return
-        data = conn.data_to_send()
-        if data:
-            self._wbuf += data
+        if conn.has_output:
+            self._wbuf += conn.data_to_send()
         while self._wbuf:
             try:
                 sent = sock.send(self._wbuf)
@@ -433,7 +436,10 @@ class WebSocketClient:
 
     def _lost(self, why: str) -> None:
         conn = self.conn
-        if conn is not None and conn.state is State.CLOSING:
+        closing = conn is not None and conn.state is State.CLOSING
+        if conn is not None:
+            conn.abort(why)
+        if closing:
             # We were closing anyway: everything we wanted arrived.
             self._status = self._closing_status
             return
@@ -555,6 +561,9 @@ class WebSocketClient:
         """Ctrl-C: a best-effort close frame (1001: we are going away), without waiting for the answer."""
         conn, sock = self.conn, self.sock
         if conn is None or sock is None:
+            return
+        if conn.state is State.CONNECTING:
+            conn.abort("interrupted")
             return
         conn.close(CloseCode.GOING_AWAY, "interrupted")
         data = bytes(self._wbuf) + conn.data_to_send()

@@ -9,11 +9,12 @@ The fuzzing server drives the test; the testee only has to follow the suite's cl
    until the server closes (pings are answered by the core, the close handshake is completed by the core);
 3. ``/updateReports?agent=AGENT``: the server writes ``<outdir>/index.json`` (and the HTML report).
 
-Everything protocol-related is selectws.protocol: the upgrade request (``handshake.build_client_request``), the
-answer (``http11.parse_response`` + ``handshake.check_accept_response``), permessage-deflate
-(``deflate.client_offer`` / ``accept_response`` / ``PerMessageDeflate(is_server=False)``) and the frames
-(``connection.Connection(CLIENT)``). Only sockets and timing are here. One case failing (refused handshake,
-exception, timeout) is reported on stderr and the run goes on.
+Everything protocol-related is selectws.protocol: a ``handshake.ClientProtocol`` makes the upgrade request
+(``connect``, permessage-deflate offered), judges the answer (OPEN with the negotiated extension, or CLOSED with
+``handshake_error``) and then turns frames into events, in the same object. Only sockets and timing are here, by
+the core's one driver rule: after every call, write ``data_to_send()`` if ``has_output``; after events are handled,
+``receive_data(b"")`` while ``events_held``; stop once ``close_transport`` is set. One case failing (refused
+handshake, exception, timeout) is reported on stderr and the run goes on.
 
     python tests/conformance/autobahn_client.py ws://127.0.0.1:9001 [--agent selectws-client] [--case-timeout 60]
 """
@@ -29,12 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
-from selectws.protocol.connection import CLIENT, Connection, State
-from selectws.protocol.deflate import DeflateSettings, PerMessageDeflate, accept_response, client_offer
-from selectws.protocol.errors import HandshakeError, NegotiationError
-from selectws.protocol.events import Closed, Message
-from selectws.protocol.handshake import build_client_request, check_accept_response, make_key
-from selectws.protocol.http11 import parse_response
+from selectws.protocol.connection import Connection, State
+from selectws.protocol.deflate import DeflateSettings
+from selectws.protocol.events import Closed, Event, Message
+from selectws.protocol.handshake import ClientProtocol
 
 _RECV = 256 * 1024
 #: 9.1.6 / 9.2.6 send 16 MiB messages; leave room.
@@ -78,48 +77,45 @@ def session(
     sock = socket.create_connection((host, port), timeout=timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        key = make_key()
         host_header = host if port == 80 else f"{host}:{port}"
-        sock.sendall(build_client_request(host_header, resource, key, extensions=client_offer(settings)))
-        buf = bytearray()
-        parsed = parse_response(buf)
-        while parsed is None:
+        conn = ClientProtocol(max_message_size=MAX_MESSAGE)
+        conn.send_request(conn.connect(host_header, resource, deflate=settings))
+        outcome = Outcome(True, "")
+        closed: Closed | None = None
+
+        def flush() -> None:
+            if conn.has_output:  # the request, answers, echoes, a close reply or failure frame, in order
+                sock.settimeout(remaining())
+                sock.sendall(conn.data_to_send())
+
+        def handle(events: list[Event]) -> None:
+            nonlocal closed
+            while True:
+                for event in events:
+                    if type(event) is Message:
+                        outcome.messages += 1
+                        if on_message is not None:
+                            on_message(conn, event)
+                    elif type(event) is Closed:
+                        closed = event
+                flush()
+                if not conn.events_held:
+                    return
+                events = conn.receive_data(b"")  # a close or a violation held back behind those messages
+
+        flush()
+        events: list[Event] = []
+        while conn.state is State.CONNECTING:
             sock.settimeout(remaining())
             chunk = sock.recv(65536)
             if not chunk:
+                conn.receive_eof()
                 return Outcome(False, "server closed the connection during the handshake")
-            buf += chunk
-            parsed = parse_response(buf)
-        response, used = parsed
-        rest = bytes(buf[used:])
-        try:
-            check_accept_response(response, key)
-            values = response.headers.get_all("Sec-WebSocket-Extensions")
-            params = accept_response(values, settings) if values else None
-        except (HandshakeError, NegotiationError) as exc:
-            return Outcome(False, f"handshake failed: {exc.reason}")
-        extension = PerMessageDeflate(params, is_server=False, memory_level=settings.memory_level) if params else None
-        conn = Connection(CLIENT, max_message_size=MAX_MESSAGE, extension=extension)
-        outcome = Outcome(True, "", compressed=extension is not None)
-        closed: Closed | None = None
-
-        def handle(data: bytes) -> None:
-            nonlocal closed
-            events = conn.receive_eof() if not data else conn.receive_data(data)
-            for event in events:
-                if type(event) is Message:
-                    outcome.messages += 1
-                    if on_message is not None:
-                        on_message(conn, event)
-                elif type(event) is Closed:
-                    closed = event
-            out = conn.data_to_send()  # answers, echoes, and a pending close reply / failure frame, in order
-            if out:
-                sock.settimeout(remaining())
-                sock.sendall(out)
-
-        if rest:
-            handle(rest)
+            events = conn.receive_data(chunk)
+        if conn.handshake_error is not None:
+            return Outcome(False, f"handshake failed: {conn.handshake_error.reason}")
+        outcome.compressed = conn.extension is not None
+        handle(events[1:])  # events[0] is the 101; frames that came with it follow
         eof = False
         while not conn.close_transport:
             sock.settimeout(remaining())
@@ -128,7 +124,7 @@ def session(
             except ConnectionResetError:
                 data = b""
             eof = not data
-            handle(data)
+            handle(conn.receive_eof() if eof else conn.receive_data(data))
         # The handshake is over (or the connection failed): let the server close TCP first, briefly.
         linger_end = min(deadline, time.monotonic() + _LINGER)
         while not eof and time.monotonic() < linger_end:

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Protocol
 
-from selectws.protocol.errors import CloseCode, ProtocolError
+from selectws.protocol.errors import CloseCode, ProtocolError, is_valid_close_code
 from selectws.protocol.events import Closed, Event, Message, Ping, Pong
 from selectws.protocol.frames import encode_close_payload, encode_header, mask_payload, parse_close_payload
 
@@ -396,11 +396,11 @@ class Connection:
         more to send. Returns the ``Closed`` event (``code``, 1006 unless the caller says why otherwise), or None
         if the connection was already over (or never opened)."""
         state = self.state
+        self._out.clear()  # the transport is gone: nothing queued can be sent any more
         if state is _CLOSED:
             return None
         self._held = None
         self._set_closed()
-        self._out.clear()
         if state is _CONNECTING:
             return None
         return Closed(code, reason, by_peer=False)
@@ -599,7 +599,12 @@ class Connection:
         return True
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> bool:
-        """Start the closing handshake: queue a close frame and wait for the peer's (state CLOSING)."""
+        """Start the closing handshake: queue a close frame and wait for the peer's (state CLOSING).
+
+        ``code`` must be one that may be sent (RFC 6455 section 7.4; 1005 sends an empty close frame): ValueError
+        otherwise, before anything changes."""
+        if code != CloseCode.NO_STATUS and not is_valid_close_code(code):
+            raise ValueError(f"close code {code} may not be sent (RFC 6455 section 7.4)")
         if self.state is not _OPEN:
             return False
         self._write_frame(0x88, encode_close_payload(code, reason))

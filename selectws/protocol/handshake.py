@@ -41,6 +41,7 @@ from selectws.protocol.http11 import (
     Response,
     build_response,
     make_response,
+    parse_query,
     parse_request,
     parse_response,
 )
@@ -284,7 +285,7 @@ class ServerProtocol(Connection):
 class ClientProtocol(Connection):
     """The client side of one connection: ``connect`` and ``send_request``, then frames once the 101 is in."""
 
-    __slots__ = ("_deflate_settings", "_key", "_offered", "handshake_error", "response", "subprotocol")
+    __slots__ = ("_deflate_settings", "_key", "_offered", "_requested", "handshake_error", "response", "subprotocol")
 
     def __init__(
         self,
@@ -301,6 +302,7 @@ class ClientProtocol(Connection):
         self._key = key or make_key()
         self._offered: Sequence[str] = ()
         self._deflate_settings: DeflateSettings | None = None
+        self._requested = False
         self.handshake_error: HandshakeError | None = None
         self.response: Response | None = None
         self.subprotocol: str | None = None
@@ -332,11 +334,15 @@ class ClientProtocol(Connection):
         if origin:
             fields.append(("Origin", origin))
         fields.extend(headers)
-        return Request("GET", target, (1, 1), Headers(fields), path=target.partition("?")[0])
+        path, _, query_string = target.partition("?")
+        return Request("GET", target, (1, 1), Headers(fields), path=path, query_string=query_string,
+                       query=parse_query(query_string))
 
     def send_request(self, request: Request) -> None:
-        if self.state is not _S_CONNECTING:
-            raise RuntimeError(f"send_request in state {self.state.name}")
+        """Queue the upgrade request (once)."""
+        if self.state is not _S_CONNECTING or self._requested:
+            raise RuntimeError("send_request twice" if self._requested else f"send_request in state {self.state.name}")
+        self._requested = True
         self._out.append(request.serialize())
 
     def _receive_handshake(self, data: bytes | bytearray | memoryview) -> list[Event]:

@@ -398,3 +398,16 @@ def test_pong_event_from_the_server() -> None:
     client = started()
     events = client.receive_data(response() + encode_frame(0xA, b"ka"))
     assert events[1:] == [Pong(b"ka")]
+
+
+def test_connect_parses_the_query_of_the_target() -> None:
+    request = ClientProtocol().connect("h", "/x?a=1&b=2")
+    assert (request.path, request.query_string, request.query) == ("/x", "a=1&b=2", {"a": "1", "b": "2"})
+
+
+def test_send_request_twice_raises() -> None:
+    proto = ClientProtocol()
+    request = proto.connect("h", "/x")
+    proto.send_request(request)
+    with pytest.raises(RuntimeError):
+        proto.send_request(request)

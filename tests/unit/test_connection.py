@@ -835,6 +835,14 @@ class TestSection7_1Closing:
         # Our code is reported: we started the handshake.
         assert conn.receive_data(frame(CLOSE, b"")) == [Closed(1000, "", by_peer=False)]
 
+    @pytest.mark.parametrize("code", [999, 1004, 1006, 1015, 2000, 5000])
+    def test_close_refuses_a_code_that_may_not_be_sent(self, code: int) -> None:
+        conn = server()
+        with pytest.raises(ValueError):
+            conn.close(code)
+        assert conn.state is State.OPEN
+        assert conn.data_to_send() == b""
+
     def test_close_with_1005_sends_empty_close(self) -> None:
         conn = server()
         assert conn.close(1005)

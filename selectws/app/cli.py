@@ -15,7 +15,8 @@ import click
 
 from selectws import __version__
 from selectws.app.activation import ActivationError, inherited_sockets
-from selectws.app.connect import ConnectOptions, parse_header, run
+from selectws.app.connect import ConnectOptions, parse_header
+from selectws.app.connect import run as run_client
 from selectws.app.workers import run_workers
 from selectws.brokers import broker_factory
 from selectws.config import Config, ConfigError, load_config
@@ -165,4 +166,4 @@ def connect(url: str, headers: list[tuple[str, str]], subprotocols: tuple[str, .
         compress=compress, once=once, keep_open=keep_open, timeout=timeout, binary=binary,
         binary_format=binary_format, insecure=insecure, cafile=cafile, max_message_size=max_message_size,
     )
-    sys.exit(run(options))
+    sys.exit(run_client(options))

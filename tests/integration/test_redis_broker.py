@@ -244,6 +244,34 @@ def test_redis_outage_local_delivery_continues_then_resubscribes(start_daemon, r
         assert a1.recv(timeout=TIMEOUT) == "back" and a2.recv(timeout=TIMEOUT) == "back"
 
 
+def _client_dbs(redis: Redis) -> list[int]:
+    """The db of every client connected to Redis but the one asking (CLIENT LIST: one line per client)."""
+    listing = redis.command("CLIENT", "LIST").decode()
+    return sorted(int(field.split("=", 1)[1]) for line in listing.splitlines() if "cmd=client" not in line
+                  for field in line.split() if field.startswith("db="))
+
+
+def test_the_url_database_is_selected(start_daemon, redis):
+    """redis://host:port/3 selects db 3 on both connections (pub/sub channels are global, so groups still meet
+    instances on other dbs); a database Redis refuses keeps the broker down, saying why."""
+    ours = start_daemon(broker_toml(redis).replace(redis.url, redis.url.removesuffix("/0") + "/3"))
+    other = start_daemon(broker_toml(redis))  # db 0
+    for d in (ours, other):
+        wait_until(lambda d=d: metrics(d)['selectws_broker_up{broker="redis"}'] == 1, "broker up")
+    wait_until(lambda: _client_dbs(redis) == [0, 0, 3, 3], "two connections per daemon, on db 0 and db 3")
+    with connect(ours.url("/broadcast/db")) as a, connect(other.url("/broadcast/db")) as b:
+        redis.wait_subscribers("selectws:broadcast:db", 2)
+        a.send("across databases")
+        assert b.recv(timeout=TIMEOUT) == "across databases"
+
+    refused = start_daemon(broker_toml(redis).replace(redis.url, redis.url.removesuffix("/0") + "/99"))
+    refused.wait_for(lambda r: "SELECT 99 refused" in str(r.get("error")))
+    assert not refused.logs(event="broker connected")
+    m = metrics(refused)
+    assert m['selectws_broker_up{broker="redis"}'] == 0
+    assert m["selectws_broker_errors_total"] >= 1
+
+
 def test_workers_share_the_port_and_groups(start_daemon, redis):
     d = start_daemon(broker_toml(redis), extra_args=("--workers", "2"), allow_errors=True)
     ready = d.wait_for(event="workers ready", timeout=15)

@@ -297,6 +297,7 @@ def test_metrics_counters_move(start_daemon: Any) -> None:
         assert metric(during, "selectws_connections_accepted_total") >= 3  # two scrapes and the WebSocket
         assert metric(during, "selectws_loop_iterations_total") > metric(before, "selectws_loop_iterations_total")
         assert metric(during, "selectws_loop_lag_max_seconds") > 0
+        assert metric(during, "selectws_timers") >= 1  # at least the server's periodic status tick
     daemon.wait_for(event="close", code=1000)
 
     after = scrape(port)

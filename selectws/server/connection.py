@@ -34,10 +34,10 @@ from selectws.protocol.events import Closed, HandshakeFailed, Message, Pong, Req
 from selectws.protocol.handshake import ServerProtocol
 from selectws.protocol.http11 import Headers, parse_query
 from selectws.server.handshake import answer_request
+from selectws.server.routing import Route, Router
 from selectws.transport.loop import Timer
 
-if TYPE_CHECKING:  # annotations only: server.py imports this module
-    from selectws.server.routing import Route, Router
+if TYPE_CHECKING:  # the annotation only: the server module builds connections (one package, one direction)
     from selectws.server.server import Server
 
 __all__ = ["Phase", "PluginSession", "ServerConnection"]
@@ -356,10 +356,11 @@ class ServerConnection:
         router = server.router if self.router is None else self.router
         outcome = answer_request(ws, request, self.remote, router, server.admission())
         self.remote = outcome.remote
-        if outcome.plugin_raised:  # answered 500; the traceback is still current
+        if outcome.raised is not None:  # answered 500
             matched = router.match(request.path)
-            server.log.exception("handler raised", plugin=matched[0].plugin_name if matched else None,
-                                 path=request.path)
+            server.log.error("plugin on_handshake failed" if matched else "http handler failed",
+                             plugin=matched[0].plugin_name if matched else None, path=request.path,
+                             exc_info=outcome.raised)
         ws.send_response(outcome.response)
         route = outcome.route
         if route is None:

@@ -50,7 +50,7 @@ class Outcome:
     reason: str = ""  # why a request was refused (for the log line)
     route: Route | None = None
     params: dict[str, str] = field(default_factory=dict)
-    plugin_raised: bool = False  # on_handshake raised: the caller logs the traceback
+    raised: Exception | None = None  # what a plugin's on_handshake or an HTTP handler raised (answered 500)
 
 
 def answer_request(
@@ -68,9 +68,9 @@ def answer_request(
             return _refuse(ws, remote, 405, f"method {request.method} not allowed", [("Allow", "GET, HEAD")])
         try:
             status, headers, body = handler(request)
-        except Exception:
+        except Exception as exc:
             outcome = _refuse(ws, remote, 500, "internal error")
-            outcome.plugin_raised = True  # the caller logs the traceback
+            outcome.raised = exc  # the caller logs it, traceback included
             return outcome
         return Outcome(make_response(status, headers, body, head_only=request.method == "HEAD"), remote)
     route, params = matched
@@ -95,9 +95,9 @@ def answer_request(
                                                         remote, offered))
     except Reject as exc:
         return _refuse(ws, remote, exc.status, exc.reason, exc.headers)
-    except Exception:
+    except Exception as exc:
         outcome = _refuse(ws, remote, 500, "internal error")
-        outcome.plugin_raised = True
+        outcome.raised = exc
         return outcome
     decision = decision or Accept()
     supported = route.subprotocols or tuple(plugin.subprotocols)

@@ -6,8 +6,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from selectws.server.api import Plugin
 from selectws.protocol.http11 import Request
+from selectws.server.api import Plugin
 
 __all__ = ["HttpHandler", "HttpResult", "Route", "Router", "compile_path"]
 

@@ -34,6 +34,7 @@ from selectws.server.routing import Route, Router
 from selectws.server.static import static_handler
 from selectws.server.stats import Counters, ServerStats
 from selectws.server.tls_connection import TlsServerConnection
+from selectws.transport.listen import bind_listeners, format_address
 from selectws.transport.logs import flush_logs, get_logger
 from selectws.transport.loop import EventLoop
 from selectws.transport.sdnotify import Notifier, watchdog_interval
@@ -267,44 +268,20 @@ class Server:
             self._ops_paths = list(handlers)
 
     # ------------------------------------------------------------------ listening
-    def _bind(self, host: str, port: int) -> list[socket.socket]:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        socks: list[socket.socket] = []
-        seen = set()
-        for family, type_, proto, _, addr in infos:
-            if (family, addr) in seen:
-                continue
-            seen.add((family, addr))
-            sock = socket.socket(family, type_, proto)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(addr)
-                sock.listen(self.config.server.backlog)
-            except OSError:
-                sock.close()
-                for s in socks:
-                    s.close()
-                raise
-            socks.append(sock)
-            if port == 0:
-                # An ephemeral port: bind the other families to the same number.
-                port = sock.getsockname()[1]
-                infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        return socks
-
     def start(self) -> None:
         """Listen, install signal handlers, tell systemd we are ready."""
         raise_nofile_limit()
-        socks = self._inherited if self._inherited else self._bind(self.config.server.host, self.config.server.port)
+        server = self.config.server
+        socks = self._inherited or bind_listeners(server.host, server.port, server.backlog)
         for sock in socks:
             listener = Listener(self, sock)
             self.listeners.append(listener)
             self.loop.register(sock, selectors.EVENT_READ, listener)
         if self._ops_listen:
             try:
-                ops_socks = self._ops_inherited or self._bind(*split_host_port("ops.listen", self._ops_listen))
+                ops_socks = self._ops_inherited or bind_listeners(
+                    *split_host_port("ops.listen", self._ops_listen), self.config.server.backlog
+                )
             except OSError as exc:
                 for listener in self.listeners:
                     self.loop.unregister(listener.sock)
@@ -318,8 +295,8 @@ class Server:
         self.loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
         self.loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
-        addresses = [_format_addr(listener.address) for listener in self.listeners]
-        ops_addresses = [_format_addr(listener.address) for listener in self.ops_listeners]
+        addresses = [format_address(listener.address) for listener in self.listeners]
+        ops_addresses = [format_address(listener.address) for listener in self.ops_listeners]
         self.log.info(
             "listening", addresses=addresses, routes=[f"{r.path} -> {r.plugin_name}" for r in self.router.routes],
             inherited=bool(self._inherited), tls=self.tls_context is not None, pid=os.getpid(),
@@ -639,12 +616,6 @@ def _exclude_ids(exclude: Session | Iterable[Session] | None) -> frozenset[int]:
     if not isinstance(exclude, Iterable):  # one session
         return frozenset((exclude.id,))
     return frozenset(s.id for s in exclude)
-
-
-def _format_addr(addr: tuple[Any, ...]) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
 
 
 def _memory_broker(loop: EventLoop, deliver: Deliver, log: Any) -> Broker:

@@ -343,9 +343,10 @@ def test_builtin_demo_is_shipped() -> None:
 
 
 def test_server_installs_the_handler() -> None:
+    from selectws.plugins.registry import find_plugin
     from selectws.server.server import Server
 
-    server = Server(Config())
+    server = Server(Config(), plugins=find_plugin)
     try:
         assert isinstance(server.router.fallback, StaticFiles)
         assert server.router.http_handler("/index.html") is server.router.fallback

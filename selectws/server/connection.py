@@ -324,25 +324,25 @@ class ServerConnection:
 
     # ================================================================== events
     def _handle_events(self, events: list[Any]) -> None:
-        server = self.server
+        counters = self.server.counters
+        session = self.session
+        on_message = self.route.plugin.on_message if self.route is not None else None  # hoisted: the hot path
         for event in events:
             kind = type(event)
             if kind is Message:
-                server.counters.messages_in += 1
+                counters.messages_in += 1
                 if self._plugin_failed:
                     continue
-                route = self.route
-                session = self.session
-                assert route is not None and session is not None
+                assert on_message is not None and session is not None
                 try:
-                    route.plugin.on_message(session, event.data)
+                    on_message(session, event.data)
                 except Exception:
                     self._plugin_error("on_message")
             elif kind is Closed:
                 self._on_ws_closed(event)
             elif kind is Pong:
                 self._awaiting_pong = 0.0
-            elif kind is Request:
+            elif kind is Request:  # alone in its batch; what follows a 101 comes through events_held
                 self._on_request(event)
             elif kind is HandshakeFailed:
                 self._refused(event.status, event.reason, None)

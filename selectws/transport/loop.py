@@ -2,11 +2,13 @@
 
 It is deliberately boring. Each registered file object carries a handler in ``SelectorKey.data`` whose
 ``handle_event(mask)`` is called when the selector reports it; timers are ``(deadline, seq, Timer)`` entries in a
-heap, cancelled lazily; signal handlers only write the signal number to a socketpair
+heap, cancelled lazily (a cancelled timer drops its callback at once, and the heap is rebuilt without the cancelled
+entries when they are most of it, as asyncio does); signal handlers only write the signal number to a socketpair
 (:func:`signal.set_wakeup_fd`), and the loop runs the Python-level handler between iterations, so no code ever
 runs inside a signal handler and no system call is ever interrupted half-way. After the I/O callbacks, signal
 handlers and timers of an iteration, ``end_of_iteration`` hooks run (the server flushes every connection that got
-output, one ``send`` per connection per iteration).
+output, one ``send`` per connection per iteration). :meth:`EventLoop.run` repeats :meth:`EventLoop.run_once`, which a
+test may call itself to step the loop.
 """
 
 from __future__ import annotations
@@ -27,18 +29,38 @@ class Handler(Protocol):
     def handle_event(self, mask: int) -> None: ...
 
 
+# The heap is rebuilt without its cancelled entries when it holds more than _MIN_SCHEDULED_TIMERS entries and more
+# than this fraction of them are cancelled (asyncio's BaseEventLoop: _MIN_SCHEDULED_TIMER_HANDLES and
+# _MIN_CANCELLED_TIMER_HANDLES_FRACTION).
+_MIN_SCHEDULED_TIMERS = 100
+_MIN_CANCELLED_TIMERS_FRACTION = 0.5
+
+
 class Timer:
-    """A scheduled callback; :meth:`cancel` makes the loop skip it."""
+    """A scheduled callback; :meth:`cancel` makes the loop skip it.
 
-    __slots__ = ("callback", "cancelled", "when")
+    A cancelled (or fired) timer holds nothing: :meth:`cancel` drops the callback at once, so an object that is its
+    own timer callback is freed when its last other reference goes, not when the deadline would have passed.
+    ``when`` may be moved later in place ("re-armed"): the loop re-queues the timer when its old deadline comes.
+    """
 
-    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+    __slots__ = ("_loop", "callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callable[[], None], loop: EventLoop | None = None) -> None:
         self.when = when
-        self.callback = callback
+        self.callback: Callable[[], None] | None = callback
         self.cancelled = False
+        self._loop = loop  # the loop whose heap holds this timer, while it is live there; None afterwards
 
     def cancel(self) -> None:
+        if self.cancelled:
+            return
         self.cancelled = True
+        self.callback = None
+        loop = self._loop
+        if loop is not None:
+            self._loop = None
+            loop._timer_cancelled()
 
 
 class _SignalWakeup:
@@ -65,6 +87,7 @@ class EventLoop:
     def __init__(self) -> None:
         self.selector = selectors.DefaultSelector()
         self._timers: list[tuple[float, int, Timer]] = []
+        self._cancelled_timers = 0  # entries of _timers whose timer is cancelled
         self._seq = itertools.count()
         self._running = False
         self._signal_handlers: dict[int, Callable[[int], None]] = {}
@@ -94,22 +117,50 @@ class EventLoop:
         return self.call_at(time.monotonic() + delay, callback)
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(when, callback)
+        timer = Timer(when, callback, self)
         heapq.heappush(self._timers, (when, next(self._seq), timer))
         return timer
+
+    @property
+    def timer_count(self) -> int:
+        """Live (not cancelled) timers in the heap."""
+        return len(self._timers) - self._cancelled_timers
+
+    @property
+    def timer_heap_size(self) -> int:
+        """Entries in the heap, cancelled ones included until they are popped or compacted away."""
+        return len(self._timers)
+
+    def _timer_cancelled(self) -> None:
+        """A live timer of this loop's heap was cancelled (from :meth:`Timer.cancel`)."""
+        self._cancelled_timers = cancelled = self._cancelled_timers + 1
+        count = len(self._timers)
+        if count > _MIN_SCHEDULED_TIMERS and cancelled > count * _MIN_CANCELLED_TIMERS_FRACTION:
+            self._compact_timers()
+
+    def _compact_timers(self) -> None:
+        """Rebuild the heap with only its live timers; in place, so ``run_once`` and ``_run_timers`` may hold it."""
+        timers = self._timers
+        timers[:] = [entry for entry in timers if not entry[2].cancelled]
+        heapq.heapify(timers)
+        self._cancelled_timers = 0
 
     def _run_timers(self) -> None:
         now = self.now = time.monotonic()
         timers = self._timers
         while timers and timers[0][0] <= now:
             _, _, timer = heapq.heappop(timers)
-            if timer.when > now and not timer.cancelled:
-                # Re-armed in place for a later deadline (see Client._set_timer): queue it again.
+            if timer.cancelled:
+                self._cancelled_timers -= 1
+                continue
+            if timer.when > now:
+                # Re-armed in place for a later deadline (see ServerConnection._set_timer): queue it again.
                 heapq.heappush(timers, (timer.when, next(self._seq), timer))
                 continue
-            if not timer.cancelled:
-                timer.cancelled = True
-                timer.callback()
+            callback = timer.callback
+            timer.cancelled = True
+            timer.callback = timer._loop = None
+            callback()  # type: ignore[misc]  # a live timer has its callback
 
     # ------------------------------------------------------------------ signals
     def add_signal_handler(self, signum: int, handler: Callable[[int], None]) -> None:
@@ -136,32 +187,36 @@ class EventLoop:
     def run(self) -> None:
         """Run until :meth:`stop`."""
         self._running = True
-        select = self.selector.select
-        timers = self._timers
-        hooks = self.end_of_iteration
+        run_once = self.run_once
         while self._running:
-            if timers:
-                timeout: float | None = max(0.0, timers[0][0] - time.monotonic())
-            else:
-                timeout = None
-            if self._pending_signals:
-                timeout = 0.0
-            events = select(timeout)
-            start = self.now = time.monotonic()
-            for key, mask in events:
-                key.data.handle_event(mask)
-            if self._pending_signals:
-                self._dispatch_signals()
-            if timers and timers[0][0] <= start:
-                self._run_timers()
-            # Last, so output queued by signal handlers and timers (keepalive pings, the close frame of a failed
-            # keepalive or close timeout) goes out now, not whenever select() next wakes up.
-            for hook in hooks:
-                hook()
-            lag = time.monotonic() - start
-            if lag > self.max_lag:
-                self.max_lag = lag
-            self.iterations += 1
+            run_once()
+
+    def run_once(self, timeout: float | None = None) -> None:
+        """One iteration: wait for I/O at most ``timeout`` seconds (``None``: no limit) or until the next timer is
+        due, then run the I/O handlers, the signal handlers, the due timers and the ``end_of_iteration`` hooks."""
+        timers = self._timers
+        if self._pending_signals:
+            timeout = 0.0
+        elif timers:
+            delay = timers[0][0] - time.monotonic()
+            if timeout is None or delay < timeout:
+                timeout = delay if delay > 0.0 else 0.0
+        events = self.selector.select(timeout)
+        start = self.now = time.monotonic()
+        for key, mask in events:
+            key.data.handle_event(mask)
+        if self._pending_signals:
+            self._dispatch_signals()
+        if timers and timers[0][0] <= start:
+            self._run_timers()
+        # Last, so output queued by signal handlers and timers (keepalive pings, the close frame of a failed
+        # keepalive or close timeout) goes out now, not whenever select() next wakes up.
+        for hook in self.end_of_iteration:
+            hook()
+        lag = time.monotonic() - start
+        if lag > self.max_lag:
+            self.max_lag = lag
+        self.iterations += 1
 
     def forget_after_fork(self) -> None:
         """In a forked child: drop this (the parent's) loop without touching what the parent still uses.
@@ -179,7 +234,10 @@ class EventLoop:
             self._wakeup.wsock.close()
             self._wakeup = None
         self.selector.close()
+        for _, _, timer in self._timers:
+            timer._loop = None
         self._timers.clear()
+        self._cancelled_timers = 0
         self.end_of_iteration.clear()
 
     def close(self) -> None:

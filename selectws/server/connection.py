@@ -657,6 +657,9 @@ class ServerConnection:
             pass
         self._wbuf = b""
         self.server.on_gone(self)
+        # The session and the connection refer to each other: let go of it here, so that reference counting frees
+        # both now (a plugin that keeps its session still has a harmless, closed one).
+        self.session = None
 
     def shutdown_now(self) -> None:
         """Close the socket at once (the server stops: grace period over, or a second stop signal)."""

@@ -129,7 +129,7 @@ def render_metrics(stats: ServerStats) -> str:
 
     w.gauge(f"{p}loop_lag_max_seconds", "Longest time one event-loop iteration took since start.", stats.loop_lag_max)
     w.counter(f"{p}loop_iterations_total", "Event-loop iterations.", stats.loop_iterations)
-    w.gauge(f"{p}timers", "Timers in the event loop's heap (cancelled ones included until they are dropped).",
+    w.gauge(f"{p}timers", "Live timers in the event loop (cancelled ones are not counted).",
             stats.timers)
 
     w.gauge(f"{p}process_start_time_seconds", "Start time of the server since the Unix epoch, in seconds.",

@@ -24,6 +24,10 @@ from wstools import connect, http_exchange
 
 hiredis = pytest.importorskip("hiredis", reason="the Redis broker needs hiredis: pip install 'selectws[redis]'")
 
+from selectws.brokers.redis import RedisBroker, encode_command, encode_payload  # noqa: E402
+from selectws.config import BrokerConfig  # noqa: E402
+from selectws.transport.loop import EventLoop  # noqa: E402
+
 TIMEOUT = 10.0
 
 
@@ -464,3 +468,153 @@ def test_workers_notify_systemd_from_the_parent_only(redis, tmp_path):
             proc.kill()
             proc.wait(5)
         notify.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The broker in this process, stepped by the test against a real Redis: its replies, pushes and refusals arrive
+# the way they do in production, with nothing of the broker poked from outside.
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda event, **kw: self.records.append((event, kw))
+
+
+class InProcessBroker:
+    """A :class:`RedisBroker` on its own :class:`EventLoop`; what it delivers locally is recorded."""
+
+    def __init__(self, url: str, password: str = "", max_buffer: int = 16 << 20) -> None:
+        self.loop = EventLoop()
+        self.log = _Log()
+        self.delivered: list[tuple[str, str | bytes, frozenset[int]]] = []
+        config = BrokerConfig(url=url, password=password, channel_prefix="p:", reconnect_min=0.05,
+                              reconnect_max=0.2, max_buffer=max_buffer)
+        self.broker = RedisBroker(self.loop, self._deliver, config, self.log)
+
+    def _deliver(self, group: str, message: str | bytes, exclude: frozenset[int]) -> int:
+        self.delivered.append((group, message, exclude))
+        return 1
+
+    def run_until(self, condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            self.loop.run_once(0.01)
+
+    def close(self) -> None:
+        self.broker.close()
+        self.loop.close()
+
+
+@pytest.fixture
+def in_process() -> Iterator[Callable[..., InProcessBroker]]:
+    made: list[InProcessBroker] = []
+
+    def make(url: str, password: str = "", **kw: Any) -> InProcessBroker:
+        made.append(InProcessBroker(url, password, **kw))
+        return made[-1]
+
+    yield make
+    for b in made:
+        b.close()
+
+
+def _publish_raw(redis: Redis, channel: bytes, payload: bytes) -> None:
+    """PUBLISH from outside any broker (another instance, or garbage), on a connection of its own."""
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=2) as sock:
+        if redis.password:
+            sock.sendall(encode_command("AUTH", redis.password))
+        sock.sendall(encode_command("PUBLISH", channel, payload))
+        reader = hiredis.Reader()
+        replies: list[Any] = []
+        while len(replies) < (2 if redis.password else 1):
+            data = sock.recv(65536)
+            assert data, "redis closed the connection"
+            reader.feed(data)
+            while (reply := reader.gets()) is not False:
+                replies.append(reply)
+        assert not any(isinstance(r, hiredis.ReplyError) for r in replies), replies
+
+
+def _numsub(redis: Redis, channel: str) -> int:
+    return int(redis.command("PUBSUB", "NUMSUB", channel)[1])
+
+
+def test_broker_delivers_other_instances_messages_and_skips_its_own(redis, in_process):
+    b = in_process(redis.url)
+    b.broker.subscribe("g/1")
+    b.broker.start()
+    b.run_until(lambda: b.broker.up and _numsub(redis, "p:g/1") == 1, "broker up and subscribed")
+    other = b"\x09" * 8
+    _publish_raw(redis, b"p:g/1", encode_payload(b.broker.instance, "mine", frozenset({4})))
+    _publish_raw(redis, b"p:g/1", encode_payload(other, "from B", frozenset({4})))
+    _publish_raw(redis, b"p:g/1", b"\x07 not a payload")
+    _publish_raw(redis, b"p:g/1", encode_payload(other, b"\x00bin"))
+    b.run_until(lambda: len(b.delivered) >= 2, "two messages delivered")
+    # remote exclude ids are connection ids of the other instance: never applied here
+    assert b.delivered == [("g/1", "from B", frozenset()), ("g/1", b"\x00bin", frozenset())]
+    stats = b.broker.stats()
+    assert (stats.received, stats.errors) == (2, 1)  # the garbage is counted as an error, and skipped
+    assert [e for e, _ in b.log.records].count("broker message ignored") == 1
+
+
+def test_broker_counts_a_publish_redis_refuses_as_dropped(redis, in_process):
+    redis.command("ACL", "SETUSER", "default", "resetchannels", "&p:allowed")  # PUBLISH elsewhere: -NOPERM
+    b = in_process(redis.url)
+    b.broker.start()
+    b.run_until(lambda: b.broker.up, "broker up")
+    assert b.broker.publish("allowed", "ok", frozenset()) == 1
+    assert b.broker.publish("denied", "no", frozenset()) == 1  # local delivery happens whatever Redis says
+    b.run_until(lambda: b.broker.stats().errors == 1, "the error reply")
+    stats = b.broker.stats()
+    assert (stats.published, stats.dropped, stats.errors, stats.up) == (2, 1, 1, True)
+    [(_, fields)] = [r for r in b.log.records if r[0] == "broker error reply"]
+    assert fields["command"] == "publish" and "NOPERM" in fields["error"]
+
+
+def test_broker_buffer_bound_drops_a_publish_that_does_not_fit(redis, in_process):
+    b = in_process(redis.url, max_buffer=4096)
+    b.broker.start()
+    b.run_until(lambda: b.broker.up, "broker up")
+    b.broker.publish("g", b"x" * 3000, frozenset())  # buffered until the end of this loop iteration
+    b.broker.publish("g", b"y" * 3000, frozenset())  # does not fit beside it: dropped, still delivered locally
+    assert len(b.delivered) == 2
+    stats = b.broker.stats()
+    assert (stats.published, stats.dropped) == (1, 1)
+
+
+def test_broker_authenticates_and_selects_the_database_before_subscribing(in_process):
+    redis = Redis(_need("redis-server", "apt-get install -y redis-server"), "--requirepass", "pw")
+    redis.password = "pw"
+    redis.start()
+    try:
+        url = f"redis://127.0.0.1:{redis.port}/5"
+        b = in_process(url, "pw")
+        b.broker.subscribe("g")  # remembered while down; SUBSCRIBE goes after AUTH and SELECT
+        b.broker.start()
+        b.run_until(lambda: b.broker.up and _numsub(redis, "p:g") == 1, "broker up and subscribed")
+        b.run_until(lambda: _client_dbs(redis) == [5, 5], "both connections on db 5")
+        _publish_raw(redis, b"p:g", encode_payload(b"\x09" * 8, "hello"))
+        b.run_until(lambda: b.delivered == [("g", "hello", frozenset())], "the message")
+        assert b.broker.stats().errors == 0
+
+        refused = in_process(url, "wrong")
+        refused.broker.start()
+        refused.run_until(lambda: "AUTH refused" in refused.broker.last_error, "AUTH refused")
+        assert not refused.broker.up
+        assert refused.broker.stats().errors >= 1
+    finally:
+        redis.kill()
+
+
+def test_broker_stays_down_when_redis_refuses_the_database(redis, in_process):
+    b = in_process(redis.url.removesuffix("/0") + "/99")
+    b.broker.start()
+    b.run_until(lambda: "SELECT 99 refused" in b.broker.last_error, "SELECT refused")
+    b.run_until(lambda: b.broker.stats().reconnects == 0 and b.broker.stats().errors >= 2, "a retry refused too")
+    stats = b.broker.stats()
+    assert not stats.up and stats.status is not None and "SELECT 99 refused" in stats.status
+    assert b.broker.publish("g", "hi", frozenset()) == 1 and b.broker.stats().dropped == 1

@@ -10,6 +10,7 @@ import re
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -222,18 +223,24 @@ def test_frames_right_behind_the_101_are_handled_in_order() -> None:
 
 
 def test_subprotocol_and_deflate_are_taken_from_the_handshake() -> None:
+    # A compressed message (RSV1) right behind the 101: printed only if permessage-deflate was agreed.
+    deflater = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
+    compressed = (deflater.compress(b"squeezed") + deflater.flush(zlib.Z_SYNC_FLUSH))[:-4]
+    frames = bytes((0xC1, len(compressed))) + compressed + bytes((0x88, 2)) + (1000).to_bytes(2, "big")
+
     def answer(head: bytes) -> bytes:
         assert b"\r\nSec-WebSocket-Protocol: a, b\r\n" in head + b"\r\n"
-        return _switching(head, "Sec-WebSocket-Protocol: b", "Sec-WebSocket-Extensions: permessage-deflate")
+        return _switching(head, "Sec-WebSocket-Protocol: b", "Sec-WebSocket-Extensions: permessage-deflate") + frames
 
     server = _CannedServer(answer)
-    opts = ConnectOptions(f"ws://127.0.0.1:{server.port}/", subprotocols=("a", "b"), timeout=5.0)
-    client = WebSocketClient(opts, stdin_fd=-1, out=io.StringIO(), err=io.StringIO())
+    out, err = io.StringIO(), io.StringIO()
+    opts = ConnectOptions(f"ws://127.0.0.1:{server.port}/", subprotocols=("a", "b"), keep_open=True, timeout=5.0)
+    client = WebSocketClient(opts, stdin_fd=-1, out=out, err=err)
     try:
-        client._connect()
-        assert client.subprotocol == "b" and client.compressed
-        conn = client.conn
-        assert conn is not None and conn.state is State.OPEN and conn.extension is not None
+        status = client.run()
     finally:
-        client._teardown()
         server.join()
+    assert (status, out.getvalue()) == (0, "squeezed\n"), err.getvalue()
+    assert client.subprotocol == "b" and client.compressed
+    assert client.conn is not None and client.conn.state is State.CLOSED
+    assert _close_code(server.after) == 1000

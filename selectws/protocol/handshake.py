@@ -57,6 +57,7 @@ __all__ = [
     "check_upgrade_request",
     "choose_subprotocol",
     "make_key",
+    "upgrade_request",
 ]
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -155,23 +156,41 @@ def build_client_request(
     origin: str | None = None,
     extra_headers: Iterable[tuple[str, str]] = (),
 ) -> bytes:
-    """The client's upgrade request."""
-    lines = [
-        f"GET {target} HTTP/1.1",
-        f"Host: {host}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
+    """The client's upgrade request, serialized (tests and tools; :class:`ClientProtocol` uses the value)."""
+    return upgrade_request(
+        host, target, key, subprotocols=subprotocols, extensions=extensions, origin=origin,
+        extra_headers=extra_headers,
+    ).serialize()
+
+
+def upgrade_request(
+    host: str,
+    target: str,
+    key: str,
+    *,
+    subprotocols: Sequence[str] = (),
+    extensions: str | None = None,
+    origin: str | None = None,
+    extra_headers: Iterable[tuple[str, str]] = (),
+) -> Request:
+    """The client's upgrade request (RFC 6455 section 4.1), as a value."""
+    fields = [
+        ("Host", host),
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", key),
+        ("Sec-WebSocket-Version", "13"),
     ]
     if subprotocols:
-        lines.append(f"Sec-WebSocket-Protocol: {', '.join(subprotocols)}")
+        fields.append(("Sec-WebSocket-Protocol", ", ".join(subprotocols)))
     if extensions:
-        lines.append(f"Sec-WebSocket-Extensions: {extensions}")
+        fields.append(("Sec-WebSocket-Extensions", extensions))
     if origin:
-        lines.append(f"Origin: {origin}")
-    lines.extend(f"{k}: {v}" for k, v in extra_headers)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        fields.append(("Origin", origin))
+    fields.extend(extra_headers)
+    path, _, query_string = target.partition("?")
+    return Request("GET", target, (1, 1), Headers(fields), path=path, query_string=query_string,
+                   query=parse_query(query_string))
 
 
 def check_accept_response(response: Response, key: str, subprotocols: Sequence[str] = ()) -> str | None:
@@ -320,23 +339,10 @@ class ClientProtocol(Connection):
         """The upgrade request for ``target`` on ``host`` (a value: add fields before :meth:`send_request`)."""
         self._offered = tuple(subprotocols)
         self._deflate_settings = deflate
-        fields = [
-            ("Host", host),
-            ("Upgrade", "websocket"),
-            ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Key", self._key),
-            ("Sec-WebSocket-Version", "13"),
-        ]
-        if subprotocols:
-            fields.append(("Sec-WebSocket-Protocol", ", ".join(subprotocols)))
-        if deflate is not None:
-            fields.append(("Sec-WebSocket-Extensions", client_offer(deflate)))
-        if origin:
-            fields.append(("Origin", origin))
-        fields.extend(headers)
-        path, _, query_string = target.partition("?")
-        return Request("GET", target, (1, 1), Headers(fields), path=path, query_string=query_string,
-                       query=parse_query(query_string))
+        return upgrade_request(
+            host, target, self._key, subprotocols=subprotocols,
+            extensions=client_offer(deflate) if deflate is not None else None, origin=origin, extra_headers=headers,
+        )
 
     def send_request(self, request: Request) -> None:
         """Queue the upgrade request (once)."""

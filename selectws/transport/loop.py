@@ -1,8 +1,9 @@
 """The event loop: one ``selectors.DefaultSelector``, a timer heap, signals through a wakeup fd.
 
 It is deliberately boring. Each registered file object carries a handler in ``SelectorKey.data`` whose
-``handle_event(mask)`` is called when the selector reports it; timers are ``(deadline, seq, Timer)`` entries in a
-heap, cancelled lazily (a cancelled timer drops its callback at once, and the heap is rebuilt without the cancelled
+``handle_event(mask)`` is called when the selector reports it; timers are :class:`Timer` objects in a heap, ordered
+by their ``deadline`` (no tuple and no sequence number per entry: a timer per connection, so that is memory per
+connection), cancelled lazily (a cancelled timer drops its callback at once, and the heap is rebuilt without the cancelled
 entries when they are most of it, as asyncio does); signal handlers only write the signal number to a socketpair
 (:func:`signal.set_wakeup_fd`), and the loop runs the Python-level handler between iterations, so no code ever
 runs inside a signal handler and no system call is ever interrupted half-way. After the I/O callbacks, signal
@@ -14,7 +15,6 @@ test may call itself to step the loop.
 from __future__ import annotations
 
 import heapq
-import itertools
 import selectors
 import signal
 import socket
@@ -42,20 +42,27 @@ class Timer:
     A cancelled (or fired) timer holds nothing: :meth:`cancel` drops the callback at once, so an object that is its
     own timer callback is freed when its last other reference goes, not when the deadline would have passed.
     ``when`` may be moved later in place ("re-armed"): the loop re-queues the timer when its old deadline comes.
+    The heap orders timers by ``deadline``, the ``when`` they were queued with, which never changes in the heap.
     """
 
-    __slots__ = ("_loop", "callback", "cancelled", "when")
+    __slots__ = ("_loop", "callback", "deadline", "when")
 
     def __init__(self, when: float, callback: Callable[[], None], loop: EventLoop | None = None) -> None:
-        self.when = when
+        self.when = self.deadline = when
         self.callback: Callable[[], None] | None = callback
-        self.cancelled = False
         self._loop = loop  # the loop whose heap holds this timer, while it is live there; None afterwards
 
+    def __lt__(self, other: Timer) -> bool:
+        return self.deadline < other.deadline
+
+    @property
+    def cancelled(self) -> bool:
+        """Cancelled, or fired: either way it will not run (again)."""
+        return self.callback is None
+
     def cancel(self) -> None:
-        if self.cancelled:
+        if self.callback is None:
             return
-        self.cancelled = True
         self.callback = None
         loop = self._loop
         if loop is not None:
@@ -86,9 +93,8 @@ class EventLoop:
 
     def __init__(self) -> None:
         self.selector = selectors.DefaultSelector()
-        self._timers: list[tuple[float, int, Timer]] = []
+        self._timers: list[Timer] = []  # a heap, by deadline
         self._cancelled_timers = 0  # entries of _timers whose timer is cancelled
-        self._seq = itertools.count()
         self._running = False
         self._signal_handlers: dict[int, Callable[[int], None]] = {}
         self._pending_signals: list[int] = []
@@ -118,7 +124,7 @@ class EventLoop:
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
         timer = Timer(when, callback, self)
-        heapq.heappush(self._timers, (when, next(self._seq), timer))
+        heapq.heappush(self._timers, timer)
         return timer
 
     @property
@@ -141,26 +147,26 @@ class EventLoop:
     def _compact_timers(self) -> None:
         """Rebuild the heap with only its live timers; in place, so ``run_once`` and ``_run_timers`` may hold it."""
         timers = self._timers
-        timers[:] = [entry for entry in timers if not entry[2].cancelled]
+        timers[:] = [timer for timer in timers if timer.callback is not None]
         heapq.heapify(timers)
         self._cancelled_timers = 0
 
     def _run_timers(self) -> None:
         now = self.now = time.monotonic()
         timers = self._timers
-        while timers and timers[0][0] <= now:
-            _, _, timer = heapq.heappop(timers)
-            if timer.cancelled:
+        while timers and timers[0].deadline <= now:
+            timer = heapq.heappop(timers)
+            callback = timer.callback
+            if callback is None:  # cancelled
                 self._cancelled_timers -= 1
                 continue
             if timer.when > now:
                 # Re-armed in place for a later deadline (see ServerConnection._set_timer): queue it again.
-                heapq.heappush(timers, (timer.when, next(self._seq), timer))
+                timer.deadline = timer.when
+                heapq.heappush(timers, timer)
                 continue
-            callback = timer.callback
-            timer.cancelled = True
             timer.callback = timer._loop = None
-            callback()  # type: ignore[misc]  # a live timer has its callback
+            callback()
 
     # ------------------------------------------------------------------ signals
     def add_signal_handler(self, signum: int, handler: Callable[[int], None]) -> None:
@@ -198,7 +204,7 @@ class EventLoop:
         if self._pending_signals:
             timeout = 0.0
         elif timers:
-            delay = timers[0][0] - time.monotonic()
+            delay = timers[0].deadline - time.monotonic()
             if timeout is None or delay < timeout:
                 timeout = delay if delay > 0.0 else 0.0
         events = self.selector.select(timeout)
@@ -207,7 +213,7 @@ class EventLoop:
             key.data.handle_event(mask)
         if self._pending_signals:
             self._dispatch_signals()
-        if timers and timers[0][0] <= start:
+        if timers and timers[0].deadline <= start:
             self._run_timers()
         # Last, so output queued by signal handlers and timers (keepalive pings, the close frame of a failed
         # keepalive or close timeout) goes out now, not whenever select() next wakes up.
@@ -234,7 +240,7 @@ class EventLoop:
             self._wakeup.wsock.close()
             self._wakeup = None
         self.selector.close()
-        for _, _, timer in self._timers:
+        for timer in self._timers:
             timer._loop = None
         self._timers.clear()
         self._cancelled_timers = 0

@@ -93,6 +93,10 @@ def _feed(conn: Connection, chunks: list[bytes]) -> tuple[list[Event], bytes]:
     out: list[bytes] = []
     for chunk in chunks:
         new = conn.receive_data(chunk)
+        while conn.events_held:  # the driver rule: the events held back come with receive_data(b"")
+            if any(isinstance(e, Closed) for e in new):
+                raise AssertionError(f"Closed returned while events are held: {new!r}")
+            new += conn.receive_data(b"")
         if new and any(isinstance(e, Closed) for e in events):
             raise AssertionError(f"events after Closed: {new!r}")
         events.extend(new)

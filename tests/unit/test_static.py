@@ -138,7 +138,7 @@ def test_head_has_the_get_headers(site: Path) -> None:
     handler = StaticFiles(site)
     get = handler(request("/app.js"))
     head = handler(request("/app.js", method="HEAD"))
-    assert head == get  # the same answer; the Client drops the body with build_response(head_only=True)
+    assert head == get  # the same answer; a HEAD gets the head only (make_response(head_only=True))
     wire = build_response(*head, head_only=True)
     assert wire.endswith(b"\r\n\r\n")
     assert f"Content-Length: {len(get[2])}".encode() in wire

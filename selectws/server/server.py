@@ -370,7 +370,6 @@ class Server:
         """
         counters = self.counters
         counters.accepted += 1
-        counters.pending_refused += 1
         counters.rejected[503] = counters.rejected.get(503, 0) + 1
         if self.tls_context is None:
             try:

@@ -7,7 +7,7 @@ nothing of the server's internals.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = ["BrokerStats", "Counters", "ServerStats"]
 
@@ -24,7 +24,6 @@ class Counters:
         "handshake_failures",
         "messages_in",
         "messages_out",
-        "pending_refused",
         "plugin_errors",
         "rejected",
         "slow_consumers_dropped",
@@ -39,7 +38,6 @@ class Counters:
         self.messages_out = 0
         self.plugin_errors = 0
         self.slow_consumers_dropped = 0
-        self.pending_refused = 0
         self.close_codes: dict[int, int] = {}
         self.closed_bytes_in = 0
         self.closed_bytes_out = 0
@@ -83,7 +81,6 @@ class ServerStats:
     loop_lag_max: float
     timers: int
     broker: BrokerStats
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def connections_open(self) -> int:

@@ -1,15 +1,15 @@
 """The event loop: one ``selectors.DefaultSelector``, a timer heap, signals through a wakeup fd.
 
 It is deliberately boring. Each registered file object carries a handler in ``SelectorKey.data`` whose
-``handle_event(mask)`` is called when the selector reports it; timers are :class:`Timer` objects in a heap, ordered
-by their ``deadline`` (no tuple and no sequence number per entry: a timer per connection, so that is memory per
-connection), cancelled lazily (a cancelled timer drops its callback at once, and the heap is rebuilt without the cancelled
-entries when they are most of it, as asyncio does); signal handlers only write the signal number to a socketpair
-(:func:`signal.set_wakeup_fd`), and the loop runs the Python-level handler between iterations, so no code ever
-runs inside a signal handler and no system call is ever interrupted half-way. After the I/O callbacks, signal
-handlers and timers of an iteration, ``end_of_iteration`` hooks run (the server flushes every connection that got
-output, one ``send`` per connection per iteration). :meth:`EventLoop.run` repeats :meth:`EventLoop.run_once`, which a
-test may call itself to step the loop.
+``handle_event(mask)`` is called when the selector reports it. Timers are :class:`Timer` objects in a heap, ordered
+by their ``deadline`` (no tuple and no sequence number per entry: there is a timer per connection, so that is
+memory per connection), cancelled lazily: a cancelled timer drops its callback at once, and the heap is rebuilt
+without the cancelled entries when they are most of it, as asyncio does. Signal handlers only write the signal
+number to a socketpair (:func:`signal.set_wakeup_fd`), and the loop runs the Python-level handler between
+iterations, so no code ever runs inside a signal handler and no system call is ever interrupted half-way. After
+the I/O callbacks, signal handlers and timers of an iteration, ``end_of_iteration`` hooks run (the server flushes
+every connection that got output, one ``send`` per connection per iteration). :meth:`EventLoop.run` repeats
+:meth:`EventLoop.run_once`, which a test may call itself to step the loop.
 """
 
 from __future__ import annotations

@@ -345,9 +345,7 @@ class ServerConnection:
             elif kind is Request:  # alone in its batch; what follows a 101 comes through events_held
                 self._on_request(event)
             elif kind is HandshakeFailed:
-                self._refused(event.status, event.reason, None)
-                self.ws.send_response(self.ws.reject(event.status, event.reason, event.headers))
-                self._end_handshake()
+                self._refuse(event.status, event.reason, event.headers)
 
     def _on_request(self, request: Request) -> None:
         server = self.server
@@ -380,6 +378,12 @@ class ServerConnection:
         except Exception:
             self._plugin_error("on_open")
 
+    def _refuse(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None) -> None:
+        """Answer a request head we cannot read, or one that never came, with ``status`` (and end the connection)."""
+        self._refused(status, reason, None)
+        self.ws.send_response(self.ws.reject(status, reason, headers or ()))
+        self._end_handshake()
+
     def _refused(self, status: int, reason: str, path: str | None) -> None:
         server = self.server
         counters = server.counters
@@ -389,9 +393,10 @@ class ServerConnection:
                            status=status, reason=reason)
 
     def _end_handshake(self) -> None:
-        """An HTTP answer went into the protocol's output: it ends the connection once written."""
+        """An HTTP answer went into the protocol's output (the protocol is CLOSED): it ends the connection once
+        written."""
         self.server.handshaking.pop(self.id, None)
-        self.phase = DRAINING if self.ws.state is _S_CLOSED else self.phase
+        self.phase = DRAINING
         self._flush_later()
 
     def _plugin_error(self, hook: str) -> None:
@@ -594,9 +599,7 @@ class ServerConnection:
         now = server.loop.now
         ws = self.ws
         if self.phase is HANDSHAKE:
-            self._refused(408, "handshake timeout", None)
-            ws.send_response(ws.reject(408, "handshake timeout"))
-            self._end_handshake()
+            self._refuse(408, "handshake timeout")
             return
         if self.phase is not OPEN or ws.state is not _S_OPEN:
             return

@@ -15,8 +15,10 @@ each one's reply stream trivial, and a flood of incoming messages never delays o
 Replies are parsed by :class:`hiredis.Reader` (bytes in, replies out); commands are encoded here, all of them by
 :func:`encode_command`.
 
-Setting up a connection: TCP, then TLS for ``rediss://``, then ``AUTH`` when there is a password and ``SELECT
-<db>`` when the URL names a database other than 0; a connection is up once Redis accepted both. The database
+Setting up a connection: TCP, then TLS for ``rediss://``, then ``AUTH`` when there is a password, ``SELECT
+<db>`` when the URL names a database other than 0, and ``PING``; a connection is up once Redis answered them all
+(within ``connect_timeout``). A completed TCP handshake proves nothing: the kernel completes it for a Redis that is
+stopped (SIGSTOP), swapping or otherwise stuck, so "connected" means "Redis answered". The database
 only chooses a keyspace: the broker stores no keys, and Redis pub/sub channels are global across databases (a
 message published from db 3 reaches a subscriber on db 0), so ``/db`` does not separate groups --
 ``channel_prefix`` does. SELECT is still sent so that a database Redis refuses (out of range, not allowed to
@@ -27,10 +29,24 @@ broker) and carries this instance's id, so when Redis hands it back on the subsc
 delivers the messages of one publishing connection in order, so every instance sees each publisher's messages
 in publish order.
 
-Faults: if Redis goes away, local delivery goes on; messages published meanwhile are counted in ``dropped``
-(they reached local members only), the broker reconnects with exponential backoff and re-subscribes every group
-still in use. Redis pub/sub is at-most-once: what other instances published while the subscription was down
-is not replayed. The write buffer is bounded by ``max_buffer``; a message past it is dropped and counted.
+Health check: a Redis that stops answering without closing the connection (SIGSTOP, a stuck host, a partition
+that drops packets) is noticed by the broker, not by TCP. Each connection notes when it last heard from Redis
+(a reply, a message); one timer sends ``PING`` on a connection that has been silent for a third of
+``health_timeout`` (at most one PING per third), and a connection silent for ``health_timeout`` is hung: one
+warning (``broker unresponsive``), both connections are reset and reconnected with the usual backoff, and the
+broker is down (``up`` false: the metric, ``/healthz``, ``/readyz``) until Redis answers again. A connection
+that is busy (replies to publishes, incoming messages) needs no PING. The deadline is checked after the loop's
+I/O of the iteration, and a connection about to be declared hung reads its socket once more first, so a loop that
+was itself late does not blame Redis. See :func:`liveness`.
+
+Faults: if Redis goes away or hangs, local delivery goes on; messages published meanwhile are counted in
+``dropped`` (they reached local members only), and so are those not yet confirmed by Redis when the connection
+was dropped; the broker reconnects with exponential backoff and re-subscribes every group still in use. Redis
+pub/sub is at-most-once: what other instances published while the subscription was down is not replayed. A
+message counted as dropped because Redis never confirmed it may still have reached Redis (a hung Redis that
+resumes processes what its socket had already received), so the counter is an upper bound. A dropped connection
+is reset (``SO_LINGER`` 0), so what was still in our kernel's send buffer is discarded, not delivered late. The
+write buffer is bounded by ``max_buffer``; a message past it is dropped and counted.
 """
 
 from __future__ import annotations
@@ -43,7 +59,7 @@ import socket
 import ssl
 import struct
 from collections import deque
-from typing import Any
+from typing import Any, Literal
 
 from selectws.config import BrokerConfig, parse_redis_url
 from selectws.server.broker import Deliver
@@ -58,11 +74,12 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     hiredis = None  # type: ignore[assignment]
 
-__all__ = ["ConnectionState", "RedisBroker", "decode_payload", "encode_command", "encode_payload"]
+__all__ = ["ConnectionState", "RedisBroker", "decode_payload", "encode_command", "encode_payload", "liveness"]
 
 _VERSION = 1
 _HEADER = struct.Struct("!B8sBI")  # version, instance id, opcode (1 text, 2 binary), number of excluded ids
 _RECV = 256 * 1024
+_LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {on, 0 seconds}: close() sends RST
 
 
 def encode_payload(instance: bytes, message: str | bytes, exclude: frozenset[int] = frozenset()) -> bytes:
@@ -115,7 +132,30 @@ class ConnectionState(enum.Enum):
 _DOWN = ConnectionState.DOWN
 _UP = ConnectionState.UP
 _SETUP = ConnectionState.SETUP
-_SETUP_TAGS = ("auth", "select")  # replies that complete SETUP
+_SETUP_TAGS = ("auth", "select", "setup ping")  # replies that complete SETUP
+_PING = encode_command("PING")
+#: Why a connection was dropped when Redis stopped answering (the same words for the health check and for a setup
+#: that got no answer, so the retries of one episode log at info, after one warning).
+NO_ANSWER = "Redis did not answer"
+
+
+def liveness(now: float, last_heard: float, last_ping: float, timeout: float) -> tuple[Literal["ok", "ping", "hung"],
+                                                                                      float]:
+    """The health check of one connection that is up: what to do ``now`` and when to look again.
+
+    ``last_heard``: when Redis last sent anything on it; ``last_ping``: when we last sent a PING on it. Silent for
+    ``timeout``: ``"hung"``. Silent for a third of it, and no PING sent for a third of it: ``"ping"`` (the caller
+    sends one now). Otherwise ``"ok"``. The second value is the next moment something can change: the deadline, or
+    when the next PING would be due.
+    """
+    interval = timeout / 3
+    deadline = last_heard + timeout
+    if now >= deadline:
+        return "hung", now
+    ping_due = max(last_heard, last_ping) + interval  # the same sums as the times returned: a timer armed for
+    if now >= ping_due:  # one of them finds it due when it fires
+        return "ping", min(deadline, now + interval)
+    return "ok", min(deadline, ping_due)
 
 
 class _Connection:
@@ -129,8 +169,10 @@ class _Connection:
         self.wbuf = bytearray()
         self.reader: Any = None
         self.events = 0
-        # What each expected reply answers: "auth", "select", "publish", "sub".
+        # What each expected reply answers: "auth", "select", "setup ping", "publish", "sub", "ping".
         self.pending: deque[str] = deque()
+        self.last_heard = 0.0  # loop time Redis last sent anything on this connection
+        self.last_ping = 0.0  # loop time we last sent a health-check PING
 
     # -------------------------------------------------------------- connecting
     def connect(self, addr: Any, family: int) -> None:
@@ -149,6 +191,7 @@ class _Connection:
         self.reader = hiredis.Reader()
         self.wbuf.clear()
         self.pending.clear()
+        self.last_ping = 0.0
         self.state = ConnectionState.CONNECTING
         err = sock.connect_ex(addr)
         if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
@@ -197,23 +240,24 @@ class _Connection:
         self._up()
 
     def _up(self) -> None:
-        """Connected (and TLS done): AUTH and SELECT first if needed; up once Redis accepted them."""
+        """Connected (and TLS done): AUTH and SELECT if needed, and PING; up once Redis answered them all.
+
+        The PING is what makes "up" mean "Redis answered" rather than "the kernel completed a TCP handshake", which
+        it does for a stopped Redis too."""
         broker = self.broker
         setup: list[tuple[str, bytes]] = []
         if broker.password:
             setup.append(("auth", encode_command("AUTH", broker.password)))
         if broker.db:  # 0 is every connection's default: no round trip (and works where SELECT is refused)
             setup.append(("select", encode_command("SELECT", str(broker.db))))
-        if setup:
-            self.state = _SETUP
-            self.pending.extendleft(tag for tag, _ in reversed(setup))
-            self.wbuf[:0] = b"".join(command for _, command in setup)
-            self._set_events(selectors.EVENT_READ | selectors.EVENT_WRITE)
-            return
-        self.ready()
+        setup.append(("setup ping", _PING))
+        self.state = _SETUP
+        self.pending.extendleft(tag for tag, _ in reversed(setup))
+        self.wbuf[:0] = b"".join(command for _, command in setup)
+        self._set_events(selectors.EVENT_READ | selectors.EVENT_WRITE)
 
     def setup_reply(self) -> None:
-        """Redis accepted an AUTH or SELECT: up when it was the last one."""
+        """Redis accepted an AUTH or SELECT, or answered the PING: up when it was the last one."""
         if not (self.pending and self.pending[0] in _SETUP_TAGS):
             self.ready()
 
@@ -222,17 +266,21 @@ class _Connection:
         self._set_events(selectors.EVENT_READ | (selectors.EVENT_WRITE if self.wbuf else 0))
         self.broker._connection_up(self)
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, **detail: Any) -> None:
         """Close and tell the broker (which reconnects both connections after a backoff)."""
         if self.state is _DOWN:
             return
-        self.close()
-        self.broker._connection_lost(self, reason)
+        self.close(abort=True)
+        self.broker._connection_lost(self, reason, **detail)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """``abort``: reset (SO_LINGER 0), discarding what the kernel still holds for a Redis that may be hung, so
+        that it cannot deliver it late (those messages are already counted as dropped)."""
         if self.sock is not None:
             self._set_events(0)
             try:
+                if abort:
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                 self.sock.close()
             except OSError:
                 pass
@@ -296,6 +344,7 @@ class _Connection:
             if not data:
                 self.fail("connection closed by Redis")
                 return
+            self.last_heard = self.broker.loop.now
             reader.feed(data)
             if len(data) < _RECV and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
                 break
@@ -339,6 +388,7 @@ class RedisBroker:
         self._backoff = config.reconnect_min
         self._timer: Timer | None = None
         self._connect_timer: Timer | None = None
+        self._health_timer: Timer | None = None
         self._closed = False
         self._ever_up = False
         self.last_error = ""
@@ -378,7 +428,7 @@ class RedisBroker:
 
     def close(self) -> None:
         self._closed = True
-        for timer in (self._timer, self._connect_timer):
+        for timer in (self._timer, self._connect_timer, self._health_timer):
             if timer is not None:
                 timer.cancel()
         self.pub.close()
@@ -406,8 +456,34 @@ class RedisBroker:
         if not self.up:
             for conn in (self.pub, self.sub):
                 if conn.state is not _UP:
-                    conn.fail("connect timeout")
+                    # SETUP: connected, but Redis did not answer (stopped, or hung): the health check's words.
+                    conn.fail(NO_ANSWER if conn.state is _SETUP else "connect timeout",
+                              timeout=self.config.connect_timeout)
                     return
+
+    def _check_health(self) -> None:
+        """The health timer: PING what has been silent, drop what has been silent too long (see :func:`liveness`)."""
+        self._health_timer = None
+        if not self.up or self._closed:
+            return
+        now = self.loop.now
+        timeout = self.config.health_timeout
+        wake = now + timeout
+        for conn in (self.pub, self.sub):
+            verdict, when = liveness(now, conn.last_heard, conn.last_ping, timeout)
+            if verdict == "hung" and conn.sock is not None:
+                conn.handle_event(selectors.EVENT_READ)  # what already arrived counts (if the loop itself was late)
+                if not self.up:
+                    return
+                verdict, when = liveness(now, conn.last_heard, conn.last_ping, timeout)
+            if verdict == "hung":
+                conn.fail(NO_ANSWER, silent=round(now - conn.last_heard, 3), timeout=timeout)
+                return
+            if verdict == "ping":
+                conn.write(_PING, "ping")
+                conn.last_ping = now
+            wake = min(wake, when)
+        self._health_timer = self.loop.call_at(wake, self._check_health)
 
     def _connection_up(self, conn: _Connection) -> None:
         if conn is self.sub and self.groups:
@@ -429,29 +505,37 @@ class RedisBroker:
                 self.reconnects += 1
             self._ever_up = True
             self.last_error = ""
+            if self._health_timer is None:
+                self._health_timer = self.loop.call_at(self.loop.now, self._check_health)
             self.log.info("broker connected", broker="redis", host=self.host, port=self.port,
                           groups=len(self.groups), reconnects=self.reconnects)
 
-    def _connection_lost(self, conn: _Connection, reason: str) -> None:
+    def _connection_lost(self, conn: _Connection, reason: str, **detail: Any) -> None:
         """Either connection failed: drop both, count what was unconfirmed, retry after a backoff."""
         was_up = self.pub.state is _UP or self.sub.state is _UP
         unconfirmed = sum(1 for tag in self.pub.pending if tag == "publish")
         self.dropped += unconfirmed
         for other in (self.pub, self.sub):
-            other.close()
+            other.close(abort=True)
             other.pending.clear()
         self._dirty.clear()
-        if self._connect_timer is not None:
-            self._connect_timer.cancel()
-            self._connect_timer = None
+        for timer in (self._connect_timer, self._health_timer):
+            if timer is not None:
+                timer.cancel()
+        self._connect_timer = self._health_timer = None
         if self._closed or self._timer is not None:
             return
         delay = self._backoff
         self._backoff = min(self._backoff * 2, self.config.reconnect_max)
-        # A warning when a working connection breaks or the failure is a new one; retries of it are info.
+        # A warning when a working connection breaks or the failure is a new one; retries of it are info. So a
+        # Redis that hangs for a minute is one warning ("broker unresponsive"), then a retry line at info each time.
         log = self.log.warning if was_up or reason != self.last_error else self.log.info
-        log("broker connection lost" if was_up else "broker unavailable", broker="redis", host=self.host,
-            port=self.port, connection=conn.name, error=reason, retry_in=round(delay, 3), unconfirmed=unconfirmed)
+        if was_up:
+            event = "broker unresponsive" if reason == NO_ANSWER else "broker connection lost"
+        else:
+            event = "broker unavailable"
+        log(event, broker="redis", host=self.host, port=self.port, connection=conn.name, error=reason,
+            retry_in=round(delay, 3), unconfirmed=unconfirmed, **detail)
         self.last_error = reason
         self._timer = self.loop.call_later(delay, self._connect)
 
@@ -502,10 +586,11 @@ class RedisBroker:
             self._on_message(reply[1], reply[2])
             return
         tag = conn.pending.popleft() if conn.pending else "?"
-        if tag == "auth" or tag == "select":
+        if tag in _SETUP_TAGS:
             if isinstance(reply, hiredis.ReplyError):
                 self.errors += 1
-                conn.fail(f"AUTH refused: {reply}" if tag == "auth" else f"SELECT {self.db} refused: {reply}")
+                conn.fail(f"AUTH refused: {reply}" if tag == "auth" else f"SELECT {self.db} refused: {reply}"
+                          if tag == "select" else f"PING refused: {reply}")
             else:
                 conn.setup_reply()
             return

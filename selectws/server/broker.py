@@ -24,10 +24,12 @@ class Broker(Protocol):
     kind: str
     @property
     def up(self) -> bool:
-        """Whether group messages currently reach the other instances (always true in memory)."""
+        """Whether group messages currently reach the other instances (always true in memory). It drives
+        ``selectws_broker_up`` and ``/readyz``: a broker is up only while its server answers (a TCP connection to
+        a hung server is not enough), and stops being up within its health check's deadline when it stops."""
         ...
 
-    #: Group messages that reached local members only (the broker was down or its buffer full).
+    #: Group messages that reached local members only (the broker was down or hung, or its buffer full).
     dropped: int
     #: Reconnections after a lost connection.
     reconnects: int

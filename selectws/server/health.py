@@ -1,11 +1,16 @@
-"""``/healthz`` and the table of operator endpoints (``[ops]`` in the configuration).
+"""``/healthz``, ``/readyz`` and the table of operator endpoints (``[ops]`` in the configuration).
 
 The health check answers ``200 ok`` while the server accepts WebSocket connections and ``503 draining`` once a
 graceful shutdown has begun, so a load balancer stops sending new clients before the process goes away. Note that
 the WebSocket listeners close when draining starts: to see the 503, serve the operator endpoints on their own
 listener (``[ops] listen = "127.0.0.1:9100"``), which stays open until the process exits.
 
-Both endpoints read a :class:`~selectws.server.stats.ServerStats` snapshot from the provider they are given
+A broker that is down (Redis unreachable, or hung: silent past ``[broker] health_timeout``) only degrades the
+server -- local delivery goes on -- so ``/healthz`` stays 200 and says ``down`` in its second line and its
+``X-Broker`` header. ``/readyz`` is the check for a load balancer that should take such an instance out: the same
+body and header, but ``503`` while the broker is down as well as while draining.
+
+The endpoints read a :class:`~selectws.server.stats.ServerStats` snapshot from the provider they are given
 (``Server.stats``), nothing else of the server.
 """
 
@@ -19,7 +24,7 @@ from selectws.server.metrics import metrics_handler
 from selectws.server.routing import HttpHandler, HttpResult
 from selectws.server.stats import ServerStats
 
-__all__ = ["healthz_handler", "ops_handlers"]
+__all__ = ["healthz_handler", "ops_handlers", "readyz_handler"]
 
 _HEADERS = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
 
@@ -41,11 +46,30 @@ def healthz_handler(stats: Callable[[], ServerStats]) -> HttpHandler:
     return handle
 
 
+def readyz_handler(stats: Callable[[], ServerStats]) -> HttpHandler:
+    """An HTTP handler: ``200 ready`` while serving with the broker up; ``503`` while draining or the broker is down."""
+
+    def handle(request: Request) -> HttpResult:
+        now = stats()
+        broker = now.broker
+        extra = f"{broker.status}\n".encode() if broker.status else b""
+        headers = list(_HEADERS) if broker.status is None else [*_HEADERS, ("X-Broker", "up" if broker.up else "down")]
+        if now.draining:
+            return 503, [*headers, ("Retry-After", "5")], b"draining\n" + extra
+        if not broker.up:
+            return 503, [*headers, ("Retry-After", "5")], b"broker down\n" + extra
+        return 200, headers, b"ready\n" + extra
+
+    return handle
+
+
 def ops_handlers(stats: Callable[[], ServerStats], ops: OpsConfig) -> dict[str, HttpHandler]:
     """The operator endpoints switched on in ``ops``, by URL path (for ``Router.http``)."""
     handlers: dict[str, HttpHandler] = {}
     if ops.healthz:
         handlers[ops.healthz_path] = healthz_handler(stats)
+    if ops.readyz:
+        handlers[ops.readyz_path] = readyz_handler(stats)
     if ops.metrics:
         handlers[ops.metrics_path] = metrics_handler(stats)
     return handlers

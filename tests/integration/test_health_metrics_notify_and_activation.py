@@ -240,7 +240,7 @@ def test_healthz_200_then_503_while_draining(start_daemon: Any) -> None:
     ops_host, _, ops_port_text = listening["ops_addresses"][0].rpartition(":")
     ops_port = int(ops_port_text)
     assert ops_host == HOST and ops_port != daemon.port
-    assert listening["ops_paths"] == ["/healthz", "/metrics"]
+    assert listening["ops_paths"] == ["/healthz", "/metrics", "/readyz"]
 
     status, headers, body = fetch(ops_port, "/healthz")
     assert (status, body) == (200, b"ok\n")

@@ -68,8 +68,17 @@ class Redis:
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.kill()  # SIGKILL ends a stopped process too
             self.proc.wait(5)
+
+    def stop(self) -> None:
+        """SIGSTOP: Redis hangs. Its kernel still completes TCP handshakes and buffers what clients send."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def cont(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
 
     def command(self, *args: str) -> Any:
         """One command on a fresh connection, the reply parsed by hiredis."""
@@ -246,6 +255,98 @@ def test_redis_outage_local_delivery_continues_then_resubscribes(start_daemon, r
         assert b1.recv(timeout=TIMEOUT) == "after"  # and not one of the dropped ones
         b1.send("back")
         assert a1.recv(timeout=TIMEOUT) == "back" and a2.recv(timeout=TIMEOUT) == "back"
+
+
+UP = 'selectws_broker_up{broker="redis"}'
+
+
+def _get(daemon: Any, path: str) -> Any:
+    return http_exchange(daemon.port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+
+
+def _broker_warnings(daemon: Any) -> list[dict[str, Any]]:
+    return daemon.logs(lambda r: r.get("level") == "warning" and r.get("broker") == "redis")
+
+
+def test_hung_redis_is_marked_down_then_comes_back(start_daemon, redis):
+    """Issue 12, defect 2: Redis stopped (SIGSTOP) for 10 s kept selectws_broker_up at 1 and /healthz at "up", logged
+    nothing, and on SIGCONT delivered everything at once, 10 s late. Now: silent past [broker] health_timeout (3 s
+    by default) is down -- metric 0, /readyz 503, /healthz says down, one warning -- local delivery goes on, and
+    the broker is up again once Redis answers."""
+    toml = broker_toml(redis, "connect_timeout = 1.0")  # retries during the stop fail fast: none may warn again
+    a = start_daemon(toml)
+    b = start_daemon(toml)
+    with ExitStack() as stack:
+        a1 = stack.enter_context(connect(a.url("/broadcast/x")))
+        a2 = stack.enter_context(connect(a.url("/broadcast/x")))
+        b1 = stack.enter_context(connect(b.url("/broadcast/x")))
+        redis.wait_subscribers("selectws:broadcast:x", 2)
+        for d in (a, b):
+            wait_until(lambda d=d: metrics(d)[UP] == 1, "broker up")
+        a1.send("before")
+        assert a2.recv(timeout=TIMEOUT) == "before" and b1.recv(timeout=TIMEOUT) == "before"
+
+        redis.stop()
+        stack.callback(redis.cont)
+        a1.send("hung")  # local delivery does not wait for Redis, before the hang is noticed ...
+        assert a2.recv(timeout=TIMEOUT) == "hung"
+        for d in (a, b):
+            wait_until(lambda d=d: metrics(d)[UP] == 0, "broker marked down while Redis is stopped", timeout=8)
+        ready = _get(a, "/readyz")
+        assert ready.status == 503 and b"broker down" in ready.body and ready.header("X-Broker") == "down"
+        health = _get(a, "/healthz")  # liveness: still serving, the broker line says why it is degraded
+        assert health.status == 200 and b"down (Redis did not answer)" in health.body
+        assert health.header("X-Broker") == "down"
+        for i in range(3):
+            a1.send(f"during {i}")  # ... nor after it
+        for i in range(3):
+            assert a2.recv(timeout=TIMEOUT) == f"during {i}"
+        assert metrics(a)["selectws_broker_dropped_total"] >= 4  # "hung" (never confirmed) and the three
+        # Reconnection attempts go on (TCP connects, PING unanswered): each is an info line, not another warning.
+        for d in (a, b):
+            wait_until(lambda d=d: len(d.logs(event="broker unavailable")) >= 2, "retries while Redis is stopped")
+            warnings = _broker_warnings(d)
+            assert [w["event"] for w in warnings] == ["broker unresponsive"], warnings
+            assert warnings[0]["error"] == "Redis did not answer" and warnings[0]["timeout"] == 3.0
+            assert not d.logs(event="broker connected", reconnects=1)  # not "up" on a bare TCP connect
+
+        redis.cont()
+        for d in (a, b):
+            wait_until(lambda d=d: metrics(d)[UP] == 1, "broker up after SIGCONT")
+            assert _get(d, "/readyz").status == 200
+            assert metrics(d)["selectws_broker_reconnects_total"] >= 1
+        redis.wait_subscribers("selectws:broadcast:x", 2)
+        a1.send("after")
+        assert a2.recv(timeout=TIMEOUT) == "after"
+        got = b1.recv(timeout=TIMEOUT)
+        if got == "hung":  # it reached Redis's socket before Redis stopped: Redis may still deliver it (documented)
+            got = b1.recv(timeout=TIMEOUT)
+        assert got == "after"  # and none of the "during" ones: they were never sent to Redis
+        b1.send("back")
+        assert a1.recv(timeout=TIMEOUT) == "back" and a2.recv(timeout=TIMEOUT) == "back"
+    assert len(_broker_warnings(a)) == 1
+
+
+def test_stopped_redis_completing_the_tcp_handshake_is_not_up(start_daemon, redis):
+    """A stopped Redis still accepts TCP connections (its kernel completes the handshake): the broker is up only
+    once Redis answered, and the failed attempts are one warning, then info."""
+    redis.stop()
+    try:
+        with socket.create_connection(("127.0.0.1", redis.port), timeout=2):
+            pass  # the premise: connect() succeeds although nothing will answer
+        d = start_daemon(broker_toml(redis, "connect_timeout = 0.5"))
+        d.wait_for(lambda r: r.get("event") in ("broker connected", "broker unavailable"), timeout=8)
+        assert not d.logs(event="broker connected"), "reported up though Redis never answered"
+        assert metrics(d)[UP] == 0
+        assert _get(d, "/readyz").status == 503
+        health = _get(d, "/healthz")
+        assert health.status == 200 and b"down (Redis did not answer)" in health.body
+        wait_until(lambda: len(d.logs(event="broker unavailable")) >= 3, "three attempts")
+        assert [w["event"] for w in _broker_warnings(d)] == ["broker unavailable"]
+    finally:
+        redis.cont()
+    wait_until(lambda: metrics(d)[UP] == 1, "broker up once Redis answers")
+    assert _get(d, "/readyz").status == 200
 
 
 def _client_dbs(redis: Redis) -> list[int]:

@@ -178,10 +178,10 @@ def test_healthz_reports_the_broker() -> None:
 
 
 def test_ops_handlers_switches() -> None:
-    assert set(ops_handlers(_stats, OpsConfig())) == {"/healthz", "/metrics"}
-    assert set(ops_handlers(_stats, OpsConfig(healthz=False))) == {"/metrics"}
-    assert set(ops_handlers(_stats, OpsConfig(metrics=False, healthz_path="/up"))) == {"/up"}
-    assert ops_handlers(_stats, OpsConfig(healthz=False, metrics=False)) == {}
+    assert set(ops_handlers(_stats, OpsConfig())) == {"/healthz", "/readyz", "/metrics"}
+    assert set(ops_handlers(_stats, OpsConfig(healthz=False))) == {"/readyz", "/metrics"}
+    assert set(ops_handlers(_stats, OpsConfig(metrics=False, readyz=False, healthz_path="/up"))) == {"/up"}
+    assert ops_handlers(_stats, OpsConfig(healthz=False, readyz=False, metrics=False)) == {}
 
 
 # ---------------------------------------------------------------------------------------------- server wiring
@@ -206,7 +206,7 @@ def test_endpoints_on_their_own_router_with_ops_listen() -> None:
     try:
         assert "/healthz" not in srv.router.http
         assert "/metrics" not in srv.router.http
-        assert set(srv.ops_router.http) == {"/healthz", "/metrics"}
+        assert set(srv.ops_router.http) == {"/healthz", "/readyz", "/metrics"}
         assert srv.ops_router.routes == []
     finally:
         srv.loop.close()

@@ -14,7 +14,11 @@ Design choices, each for a reason:
 * Text is validated incrementally across fragments, so invalid UTF-8 fails the connection with 1007 as soon as
   the fragment containing it is complete, not at the end of the message.
 * A violation fails the connection as section 7.1.7 says: the close frame with the right code is queued and
-  ``close_transport`` is set, so the driver closes TCP as soon as the frame is written, without waiting.
+  ``close_transport`` is set, so the driver closes TCP as soon as the frame is written, without waiting. One
+  exception, when the driver sets ``max_discard``: a message refused with 1009 from its frame header is still
+  being sent by the peer, which would only see our close frame mid-send (browsers call that close unclean); the
+  connection is CLOSED at once, but the close frame is held (``holding_close``) while the rest of the message is
+  skipped by its frame headers, payload neither kept nor unmasked, and queued when the message ends.
 * The connection is the only writer of its own state, and every transition happens inside the call that causes
   it (:meth:`receive_data`, :meth:`receive_eof`, :meth:`close`, :meth:`fail`, :meth:`abort`, and the handshake
   methods of the role subclasses in :mod:`selectws.protocol.handshake`); :meth:`data_to_send` only hands out
@@ -73,7 +77,6 @@ class Extension(Protocol):
 
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 _BATCH_XOR_MAX = 32768  # reads up to this size are unmasked with one big-integer XOR
-_NO_CHUNKS: list[bytes] = []  # shared placeholder, never appended to (a fragment start assigns a new list)
 _TEXT_HEADERS = [bytes((0x81, n)) for n in range(126)]
 _BINARY_HEADERS = [bytes((0x82, n)) for n in range(126)]
 _ZEROS = [bytes(n) for n in range(15)]  # key filler over frame headers (2 to 14 bytes, less the overshoot)
@@ -90,21 +93,26 @@ class Connection:
         "_buf",
         "_deflate",
         "_expect_mask",
-        "_frag_chunks",
+        "_frag_buf",
         "_frag_compressed",
         "_frag_decoder",
         "_frag_opcode",
         "_frag_size",
         "_held",
+        "_input_pending",
         "_mask_source",
         "_out",
+        "_out_spare",
         "_partial_checked",
         "_partial_decoder",
         "_plain",
+        "_skip",
         "close_code",
         "close_reason",
         "close_transport",
+        "max_discard",
         "max_frame_size",
+        "max_frames",
         "max_message_size",
         "role",
         "state",
@@ -119,6 +127,7 @@ class Connection:
         max_frame_size: int | None = None,
         extension: Extension | None = None,
         mask_source: Callable[[], bytes] | None = None,
+        max_frames: int = 1 << 30,
     ) -> None:
         self.role = role
         self.state = state
@@ -132,10 +141,11 @@ class Connection:
             self._mask_source = mask_source or _random_mask
         self._buf: bytes | bytearray = b""  # a bytearray only while an incomplete frame waits
         self._out: list[bytes | bytearray | memoryview] = []
+        self._out_spare: list[bytes | bytearray | memoryview] | None = None  # take_output() alternates lists
         # Server role without compression: sends take the short path (no masking, no deflate).
         self._plain = role is SERVER and extension is None
         self._frag_opcode = 0  # opcode of the fragmented message in progress, 0 when none
-        self._frag_chunks: list[bytes] = _NO_CHUNKS
+        self._frag_buf: bytearray | None = None  # the fragments of the message in progress, appended in place
         self._frag_size = 0
         self._frag_decoder: codecs.IncrementalDecoder | None = None
         self._frag_compressed = False
@@ -146,9 +156,19 @@ class Connection:
         # acted on those messages: (close code, reason, error or None for the peer's close), or _RESUME when only
         # buffered input is waiting (bytes that came with the opening handshake).
         self._held: tuple[int, str, str | None] | None = None
+        #: The most frames one ``receive_data`` call parses; what is left waits for the next call
+        #: (``input_pending``), so that one peer's flood of tiny frames cannot hold the driver's loop.
+        self.max_frames = max_frames
+        self._input_pending = False
         self.close_code: int | None = None  # the code of the close frame we sent, once sent
         self.close_reason = ""
         self.close_transport = False  # the driver closes TCP once data_to_send() is drained
+        #: Bytes of a message over the limit that the connection will read past and throw away before its 1009
+        #: close frame goes out (``holding_close``): a peer still sending that message only sees our close frame
+        #: once it has finished (a browser reports a close that interrupted its own send as unclean). 0: the close
+        #: frame is queued at once. A header announcing more than this is refused at once, as before.
+        self.max_discard = 0
+        self._skip: _Skip | None = None  # the rest of the oversized message being skipped, and our held close frame
 
     # ------------------------------------------------------------------ receiving
 
@@ -160,8 +180,11 @@ class Connection:
         """
         if self._held is not None:
             return self._release_held(data)
+        self._input_pending = False
         state = self.state
         if state is _CLOSED:
+            if self._skip is not None:  # the rest of an oversized message (max_discard)
+                self._skip_input(data)
             return []
         if state is _CONNECTING:
             return self._receive_handshake(data)
@@ -189,6 +212,7 @@ class Connection:
         frag_compressed = self._frag_compressed
         partial_at = -1  # offset of the mask of an incomplete text frame, for the fail-fast check
         error: ProtocolError | None = None
+        budget = self.max_frames
         try:
             while end - pos >= 2:
                 b0 = buf[pos]
@@ -281,6 +305,9 @@ class Connection:
                     frag, frag_size = 0, 0
                 else:
                     frag_size += length
+                if len(frames) >= budget:
+                    self._input_pending = end - pos >= 2  # the rest waits for the next call
+                    break
         except ProtocolError as exc:
             error = exc
         try:
@@ -318,6 +345,7 @@ class Connection:
                             code, reason = parse_close_payload(payload)
                             self._held = (code, reason, None)
                             self._buf = b""
+                            self._input_pending = False
                             return events
                         if self._control_frame(b0 & 0x0F, payload, append):
                             break
@@ -331,12 +359,17 @@ class Connection:
                 self._check_partial_text(buf, partial_at, end)
         except ProtocolError as exc:
             self._buf = b""
+            self._input_pending = False
+            if exc is error and exc.code == CloseCode.MESSAGE_TOO_BIG and self.max_discard and self.state is _OPEN:
+                # A header announced too much: the peer is still sending that message. Its rest (from the header
+                # at pos on) is skipped, and our close frame held, until it ends (max_discard).
+                self._skip = _Skip(bytes(buf[pos:end]), self.max_discard)
             if events and self.state is _OPEN:
                 # Let the driver act on the frames that came before the violation first, so that (say) the echo
                 # of a valid message still precedes our close frame: the failure is held back.
                 self._held = (exc.code, exc.reason, exc.reason)
             else:
-                append(self._fail(exc.code, exc.reason))
+                append(self._fail_too_big(exc.code, exc.reason))
             return events
         if self.state is _CLOSED:
             self._buf = b""
@@ -348,6 +381,12 @@ class Connection:
         elif buf is self._buf:
             self._buf = b""
         return events
+
+    @property
+    def input_pending(self) -> bool:
+        """Whether the last :meth:`receive_data` stopped at ``max_frames`` with more input buffered: call
+        ``receive_data(b"")`` again, after serving other connections (a driver's fairness rule)."""
+        return self._input_pending
 
     @property
     def events_held(self) -> bool:
@@ -363,7 +402,7 @@ class Connection:
             return self.receive_data(data)
         code, reason, error = held
         if error is not None:
-            return [self._fail(code, error)]
+            return [self._fail_too_big(code, error)]
         self._answer_close(code)
         return [Closed(code, reason, by_peer=True)]
 
@@ -397,6 +436,7 @@ class Connection:
         if the connection was already over (or never opened)."""
         state = self.state
         self._out.clear()  # the transport is gone: nothing queued can be sent any more
+        self._skip = None
         if state is _CLOSED:
             return None
         self._held = None
@@ -410,10 +450,12 @@ class Connection:
         self.state = _CLOSED
         self.close_transport = True
         self._buf = b""
+        self._input_pending = False
         self._deflate = None
-        self._frag_chunks = _NO_CHUNKS
+        self._frag_buf = None
         self._frag_decoder = None
         self._partial_decoder = None
+        self._skip = None
 
     def _check_partial_text(self, buf: bytes | bytearray | memoryview, i: int, end: int) -> None:
         """Validate the part of an incomplete text frame that is already here (fail fast, RFC 6455 section 8.1).
@@ -461,18 +503,22 @@ class Connection:
             if opcode == 0x01 and not compressed:
                 self._frag_decoder = _Utf8Decoder()
                 self._check_text_fragment(payload, False)
-            self._frag_chunks = [payload]
+            # One growing bytearray, not a list of fragments: a million one-byte fragments would otherwise cost a
+            # million list slots (and leave the heap fragmented once freed).
+            self._frag_buf = bytearray(payload)
             return
         self._frag_size += len(payload)
-        self._frag_chunks.append(payload)
+        frag_buf = self._frag_buf
+        assert frag_buf is not None
+        frag_buf += payload
         if self._frag_decoder is not None:
             self._check_text_fragment(payload, bool(fin))
         if fin:
-            whole = b"".join(self._frag_chunks)
+            whole = bytes(frag_buf)
             opcode = self._frag_opcode
             compressed = self._frag_compressed
             self._frag_opcode = 0
-            self._frag_chunks = _NO_CHUNKS
+            self._frag_buf = None
             self._frag_size = 0
             self._frag_decoder = None
             self._emit(opcode, whole, compressed, append)
@@ -532,6 +578,84 @@ class Connection:
             self.close_reason = reason
         self._set_closed()
         return Closed(code, reason, by_peer=False, error=reason)
+
+    def _fail_too_big(self, code: int, reason: str) -> Closed:
+        """:meth:`_fail`; for a header that announced too much (``_skip`` prepared, see ``max_discard``) the close
+        frame is held back while the rest of the message is skipped, unless that rest cannot be followed."""
+        skip = self._skip
+        if skip is None or self.state is not _OPEN:
+            return self._fail(code, reason)
+        queued = len(self._out)
+        closed = self._fail(code, reason)  # CLOSED now: the driver learns at once, the peer once it has finished
+        skip.frame = self._out[queued:]
+        del self._out[queued:]
+        self._skip = skip
+        data, skip.head = skip.head, b""
+        self._skip_input(data)
+        return closed
+
+    def _skip_input(self, data: bytes | bytearray | memoryview) -> None:
+        """Throw away what arrived of the oversized message, following its frames by their headers (no payload
+        byte is kept or unmasked); the held close frame is released when the message ends, when the next frame
+        would take the skipped bytes past ``max_discard``, or when anything but a continuation, ping or pong
+        comes (the peer's close frame included)."""
+        skip = self._skip
+        assert skip is not None
+        if skip.head:  # a frame header split across reads: at most 13 bytes kept
+            data = skip.head + bytes(data)
+            skip.head = b""
+        end = len(data)
+        pos = 0
+        while True:
+            left = skip.left
+            if left:
+                if end - pos < left:
+                    skip.left = left - (end - pos)
+                    return
+                pos += left
+                skip.left = 0
+            if skip.final:
+                break  # the message is over
+            if end - pos < 2:
+                skip.head = bytes(data[pos:end])
+                return
+            b0 = data[pos]
+            b1 = data[pos + 1]
+            opcode = b0 & 0x0F
+            if not (opcode <= 0x02 if skip.first else opcode == 0 or opcode == 0x09 or opcode == 0x0A):
+                break
+            length = b1 & 0x7F
+            i = pos + 2
+            if length >= 126:
+                size = 2 if length == 126 else 8
+                if end - i < size:
+                    skip.head = bytes(data[pos:end])
+                    return
+                length = int.from_bytes(data[i : i + size], "big")
+                i += size
+            length += 4 if b1 & 0x80 else 0  # the mask
+            if i - pos + length > skip.budget:
+                break
+            skip.budget -= i - pos + length
+            skip.first = False
+            if opcode < 0x08:
+                skip.final = bool(b0 & 0x80)
+            skip.left = length
+            pos = i
+        self.release_close()
+
+    @property
+    def holding_close(self) -> bool:
+        """Whether our 1009 close frame waits for the end of the oversized message the peer is still sending
+        (``max_discard``): CLOSED, but ``receive_data`` still reads the peer's frame headers to find that end."""
+        return self._skip is not None and self.state is _CLOSED
+
+    def release_close(self) -> None:
+        """Queue the held close frame now (the message ended, or the driver's time is up)."""
+        skip = self._skip
+        if skip is not None and self.state is _CLOSED:
+            self._skip = None
+            self._out += skip.frame
 
     # ------------------------------------------------------------------ sending
 
@@ -622,6 +746,19 @@ class Connection:
         closed.error = None  # the caller's decision, not a violation by the peer
         return closed
 
+    def take_output(self) -> list[bytes | bytearray | memoryview]:
+        """Everything queued since the last call, as the list of its pieces (frames encoded once for many
+        recipients stay the same objects: a driver may queue them without copying). Never changes the state.
+
+        The list is the caller's until the next call (two lists alternate, so the hot path allocates none): take
+        the pieces, then clear it; do not keep it."""
+        out = self._out
+        if out:
+            spare = self._out_spare
+            self._out = [] if spare is None else spare
+            self._out_spare = out
+        return out
+
     def data_to_send(self) -> bytes:
         """Everything queued since the last call, as one buffer for one ``send``. Never changes the state."""
         out = self._out
@@ -664,6 +801,20 @@ class Connection:
             mask = self._mask_source()
             frame = encode_header(first, n, 0x80) + mask + mask_payload(payload, mask)
             self._out.append(frame)
+
+
+class _Skip:
+    """The rest of a message over the size limit, skipped while our 1009 close frame waits (``max_discard``)."""
+
+    __slots__ = ("budget", "final", "first", "frame", "head", "left")
+
+    def __init__(self, head: bytes, budget: int) -> None:
+        self.head = head  # input not parsed yet: the oversized frame from its header on, later a split header
+        self.budget = budget  # bytes that may still be skipped
+        self.left = 0  # bytes of the current frame (mask and payload) still to skip
+        self.final = False  # the current frame ends the message
+        self.first = True  # the next header is the oversized frame's own
+        self.frame: list[bytes | bytearray | memoryview] = []  # our close frame, held
 
 
 #: ``_held`` when only buffered input waits (frames that came with the opening handshake).

@@ -108,14 +108,25 @@ class TlsServerConnection(ServerConnection):
         for _ in range(_READ_BUDGET):
             before = self.bytes_in
             ServerConnection._on_readable(self)
-            if self.bytes_in == before or self.sock is not sock or self._paused:
-                return  # nothing more to read now (want-read), closed, or paused by backpressure
+            if self.bytes_in == before or self.sock is not sock or self._paused or self._backlog:
+                return  # nothing more to read now (want-read), closed, paused by backpressure, or input left
         if sock.pending():
             # Budget spent with decrypted bytes left inside TLS: the selector would never report them.
             loop = self.server.loop
             loop.call_at(loop.now, self._read_pending)
 
     def _read_pending(self) -> None:
-        if self.sock is not None and not self._paused and not self._tls_handshaking:
+        if self.sock is not None and not self._paused and not self._tls_handshaking and not self._backlog:
             self._on_readable()
+
+    def _input_resumed(self) -> None:
+        sock = self.sock
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted bytes the selector cannot see
+            self.server.loop.call_soon(self._read_pending)
+
+    def _send_pieces(self, pieces: list[bytes | bytearray | memoryview]) -> int:
+        """TLS has no gathered write: join (a retry after want-write joins the same front pieces again, so
+        OpenSSL sees the same bytes, as SSL_write requires)."""
+        assert self.sock is not None
+        return self.sock.send(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 

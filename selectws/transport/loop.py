@@ -101,6 +101,7 @@ class EventLoop:
         self._wakeup: _SignalWakeup | None = None
         self._old_wakeup_fd = -1
         self.end_of_iteration: list[Callable[[], None]] = []
+        self._soon: list[Callable[[], None]] = []  # work left over from an earlier iteration (call_soon)
         self.now = time.monotonic()
         self.iterations = 0
         self.max_lag = 0.0  # the longest an iteration took to come back to select(), seconds
@@ -117,6 +118,11 @@ class EventLoop:
             self.selector.unregister(fileobj)
         except (KeyError, ValueError):
             pass
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` in the next iteration, after its I/O handlers, without waiting in ``select()``: the
+        rest of a job that was cut short so that other connections are served in between."""
+        self._soon.append(callback)
 
     # ------------------------------------------------------------------ timers
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
@@ -201,7 +207,12 @@ class EventLoop:
         """One iteration: wait for I/O at most ``timeout`` seconds (``None``: no limit) or until the next timer is
         due, then run the I/O handlers, the signal handlers, the due timers and the ``end_of_iteration`` hooks."""
         timers = self._timers
-        if self._pending_signals:
+        soon: list[Callable[[], None]] | tuple[()] = self._soon  # what earlier iterations left; what this one
+        if soon:  # leaves waits for the next
+            self._soon = []
+        else:
+            soon = ()
+        if self._pending_signals or soon:
             timeout = 0.0
         elif timers:
             delay = timers[0].deadline - time.monotonic()
@@ -211,6 +222,8 @@ class EventLoop:
         start = self.now = time.monotonic()
         for key, mask in events:
             key.data.handle_event(mask)
+        for callback in soon:
+            callback()
         if self._pending_signals:
             self._dispatch_signals()
         if timers and timers[0].deadline <= start:
@@ -244,6 +257,7 @@ class EventLoop:
             timer._loop = None
         self._timers.clear()
         self._cancelled_timers = 0
+        self._soon.clear()
         self.end_of_iteration.clear()
 
     def close(self) -> None:

@@ -52,7 +52,9 @@ def test_defaults_from_no_file() -> None:
     assert cfg.server == ServerConfig("127.0.0.1", 8000, 1024)
     assert cfg.limits == LimitsConfig()
     assert cfg.limits.max_message_size == 1 << 20
-    assert cfg.limits.write_buffer_high == 4 << 20
+    assert cfg.limits.write_buffer_high == 1 << 20
+    assert cfg.limits.write_buffer_limit == 16 << 20
+    assert cfg.limits.max_buffered_total == 256 << 20
     assert cfg.timeouts == TimeoutsConfig(10.0, 20.0, 20.0, 10.0, 10.0)
     assert cfg.logging == LoggingConfig("info", "auto")
     assert cfg.compression == CompressionConfig()

@@ -89,7 +89,8 @@ def test_new_limits_validate() -> None:
                                    "write_buffer_limit": 1 << 20, "write_buffer_high": 1 << 18,
                                    "slow_consumer_close_code": 1008, "slow_consumer_action": "reset"}})
     assert cfg.limits.write_buffer_limit == 1 << 20 and cfg.limits.slow_consumer_close_code == 1008
-    assert _error({"limits": {"write_buffer_limit": 1 << 20}}).key == "limits.write_buffer_limit"  # < high
+    assert _error({"limits": {"write_buffer_limit": 1 << 19}}).key == "limits.write_buffer_limit"  # < high
+    assert _error({"limits": {"max_buffered_total": 2 << 20}}).key == "limits.max_buffered_total"  # < limit
     assert _error({"limits": {"slow_consumer_close_code": 1011}}).key == "limits.slow_consumer_close_code"
     assert _error({"limits": {"slow_consumer_action": "ignore"}}).key == "limits.slow_consumer_action"
     assert _error({"limits": {"max_pending_handshakes": 0}}).key == "limits.max_pending_handshakes"

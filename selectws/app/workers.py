@@ -17,6 +17,18 @@ inherit ``NOTIFY_SOCKET`` (so the unit keeps the default ``NotifyAccess=main``).
 or crashes (0.1 s backoff doubling to 30 s, reset once a worker has run for 30 s), forwards ``SIGTERM``/``SIGINT``
 and ``SIGHUP`` to the workers, and exits when they have all exited after a stop: status 0 when every worker
 exited 0, else 1. Workers that outlive ``shutdown_grace`` + 5 s after a stop are killed.
+
+Liveness. A worker that is alive but not running (its loop stuck in a plugin, the process stopped, swapped out for
+good) is not an exit, so the supervisor would never learn of it. Each worker therefore writes one byte to the same
+pipe (non-blocking, from a timer of its own event loop: a stuck loop stops beating) every quarter of
+``[server] worker_timeout``; the supervisor reads the pipes in its loop and SIGKILLs a worker silent for longer
+than ``worker_timeout`` (SIGKILL ends a stopped or hung process too), logging ``worker unresponsive; killing it``
+with the slot, the pid and how long it was silent; the reaped worker is then restarted like a crashed one.
+
+The systemd watchdog is not fooled by a supervisor whose loop runs while a worker does not: the supervisor sends
+``WATCHDOG=1`` only while every running worker beat within the ping interval (``WatchdogSec/2``). A worker it
+replaces in time (``worker_timeout`` below that) never stops the pings; one it cannot replace (``worker_timeout =
+0``, or a SIGKILL that does not take, as in uninterruptible sleep) withholds them, and systemd restarts the unit.
 """
 
 from __future__ import annotations
@@ -33,6 +45,8 @@ from typing import Any
 
 import structlog
 
+from selectws.app.api_key import read_api_key
+from selectws.app.hooks import HookLoader
 from selectws.brokers import broker_factory
 from selectws.config import Config, split_host_port
 from selectws.plugins.registry import find_plugin
@@ -47,27 +61,77 @@ __all__ = ["Supervisor", "run_workers"]
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 30.0
 _HEALTHY_AFTER = 30.0  # a worker that ran this long resets its slot's backoff
+_BEATS_PER_TIMEOUT = 4  # a worker beats every timeout / 4: one late beat is no alarm
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 _CHILD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 
 
 class _WorkerNotifier(Notifier):
-    """A worker's "notifier": ``READY=1`` becomes one byte on the pipe to the supervisor; the rest goes nowhere."""
+    """A worker's "notifier": ``READY=1`` becomes ``R`` on the pipe to the supervisor, a heartbeat ``H``; the rest
+    goes nowhere. The pipe stays open for the worker's life (the supervisor sees its end as end-of-file)."""
 
     def __init__(self, fd: int) -> None:
         super().__init__(None)
         self._fd = fd
 
+    def _write(self, byte: bytes) -> bool:
+        try:
+            os.write(self._fd, byte)  # non-blocking: a full pipe (a supervisor not reading) loses the byte
+        except OSError:
+            return False
+        return True
+
     def notify(self, message: str) -> bool:
-        if self._fd >= 0 and message.startswith("READY=1"):
-            try:
-                os.write(self._fd, b"R")
-            except OSError:
-                pass
-            os.close(self._fd)
-            self._fd = -1
-            return True
-        return False
+        return message.startswith("READY=1") and self._write(b"R")
+
+    def beat(self) -> bool:
+        """One heartbeat: "this worker's loop ran just now"."""
+        return self._write(b"H")
+
+
+def _beat_every(loop: EventLoop, notifier: _WorkerNotifier, interval: float) -> None:
+    """Beat now and then every ``interval`` seconds from a timer of ``loop``: a stuck loop falls silent."""
+
+    def beat() -> None:
+        notifier.beat()
+        loop.call_later(interval, beat)
+
+    beat()
+
+
+class Heartbeats:
+    """The supervisor's liveness bookkeeping: when each worker slot last gave a sign of life.
+
+    Pure (the caller passes the clock), so it is tested without processes. A slot is watched from its worker's
+    start (silence counts from the fork, so a worker stuck before its first beat is caught too) until its worker
+    is gone.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[int, float] = {}
+
+    def watch(self, slot: int, now: float) -> None:
+        """A worker started in ``slot``."""
+        self._last[slot] = now
+
+    def beat(self, slot: int, now: float) -> None:
+        """A sign of life from the worker in ``slot`` (ignored once it is no longer watched)."""
+        if slot in self._last:
+            self._last[slot] = now
+
+    def forget(self, slot: int) -> None:
+        """The worker in ``slot`` is gone (reaped, or its pipe ended)."""
+        self._last.pop(slot, None)
+
+    def silence(self, slot: int, now: float) -> float:
+        """Seconds since the last sign of life of ``slot`` (0 when not watched)."""
+        last = self._last.get(slot)
+        return 0.0 if last is None else max(0.0, now - last)
+
+    def silent(self, now: float, limit: float) -> list[tuple[int, float]]:
+        """``(slot, seconds)`` of every watched slot silent for longer than ``limit``, the longest first."""
+        found = [(slot, now - last) for slot, last in self._last.items() if now - last > limit]
+        return sorted(found, key=lambda item: -item[1])
 
 
 class _Slot:
@@ -77,12 +141,13 @@ class _Slot:
         self.started = 0.0
         self.failures = 0
         self.ready = False
-        self.ready_fd = -1
+        self.pipe_fd = -1
+        self.killed_silent = 0.0  # > 0: we SIGKILLed this worker after that many seconds without a heartbeat
         self.timer: Timer | None = None
 
 
-class _ReadyPipe:
-    """The supervisor's end of a worker's ready pipe, in the supervisor's loop."""
+class _WorkerPipe:
+    """The supervisor's end of a worker's pipe (``R`` = ready, ``H`` = heartbeat), in the supervisor's loop."""
 
     def __init__(self, supervisor: Supervisor, slot: _Slot, fd: int) -> None:
         self.supervisor = supervisor
@@ -91,14 +156,19 @@ class _ReadyPipe:
 
     def handle_event(self, mask: int) -> None:
         try:
-            data = os.read(self.fd, 16)
+            data = os.read(self.fd, 4096)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
-        if data:
-            self.supervisor._worker_ready(self.slot)
-        self.supervisor._close_ready(self.slot)
+        supervisor = self.supervisor
+        if not data:  # the worker is exiting (or gone): SIGCHLD follows
+            supervisor.heartbeats.forget(self.slot.index)
+            supervisor._close_pipe(self.slot)
+            return
+        supervisor.heartbeats.beat(self.slot.index, supervisor.clock())
+        if b"R" in data:
+            supervisor._worker_ready(self.slot)
 
 
 def _add_worker_fields(index: int) -> Callable[[Any, str, Any], Any]:
@@ -122,13 +192,22 @@ def _tag_logs(index: int) -> None:
 class Supervisor:
     """The parent process: binds, forks, supervises (see the module docstring)."""
 
-    def __init__(self, config: Config, sockets: list[socket.socket], reload: Callable[[], Config] | None) -> None:
+    def __init__(self, config: Config, sockets: list[socket.socket], reload: Callable[[], Config] | None,
+                 hooks: HookLoader | None = None) -> None:
         self.config = config
         self.reload = reload
+        self.hooks = hooks  # [[hooks]]: each worker sends its own webhooks (host names resolved before the fork)
         self.log = get_logger("selectws.workers")
         self.loop = EventLoop()
+        self.clock: Callable[[], float] = time.monotonic
         self.notifier = Notifier.from_env()
         self.watchdog = watchdog_interval()
+        self.worker_timeout = config.server.worker_timeout  # fixed for this supervisor's life (its workers' pace)
+        # Workers beat if anyone listens: our own check (worker_timeout) or the systemd watchdog (its interval).
+        limits = [t for t in (self.worker_timeout, self.watchdog or 0.0) if t > 0]
+        self.beat_interval = min(limits) / _BEATS_PER_TIMEOUT if limits else 0.0
+        self.heartbeats = Heartbeats()
+        self._watchdog_withheld = False
         for name in _CHILD_ENV:  # the supervisor alone talks to systemd
             os.environ.pop(name, None)
         self.inherited = bool(sockets)
@@ -143,7 +222,7 @@ class Supervisor:
         self.failed_exits = 0
         self.announced = False
         self._kill_timer: Timer | None = None
-        self._pipes: dict[int, _ReadyPipe] = {}
+        self._pipes: dict[int, _WorkerPipe] = {}
 
     # ------------------------------------------------------------------ running
     def run(self) -> int:
@@ -160,13 +239,15 @@ class Supervisor:
             self._spawn(slot)
         if self.watchdog:
             self._watchdog(self.watchdog)
+        if self.worker_timeout:
+            self._check_liveness()
         try:
             loop.run()
         finally:
             for sock in self.sockets + self.ops_sockets:
                 sock.close()
             for slot in self.slots:
-                self._close_ready(slot)
+                self._close_pipe(slot)
             flush_logs()
             loop.close()
             self.notifier.close()
@@ -191,12 +272,14 @@ class Supervisor:
         slot.pid = pid
         slot.started = time.monotonic()
         slot.ready = False
-        slot.ready_fd = r
-        pipe = self._pipes[r] = _ReadyPipe(self, slot, r)
+        slot.killed_silent = 0.0
+        slot.pipe_fd = r
+        self.heartbeats.watch(slot.index, self.clock())
+        pipe = self._pipes[r] = _WorkerPipe(self, slot, r)
         self.loop.register(r, selectors.EVENT_READ, pipe)
         self.log.info("worker started", worker=slot.index, worker_pid=pid)
 
-    def _child(self, index: int, ready_fd: int, mask: Any) -> None:  # pragma: no cover - runs in the child
+    def _child(self, index: int, pipe_fd: int, mask: Any) -> None:  # pragma: no cover - runs in the child
         code = 1
         try:
             self.loop.forget_after_fork()
@@ -211,11 +294,16 @@ class Supervisor:
                 except OSError:
                     pass
             _tag_logs(index)
+            os.set_blocking(pipe_fd, False)
+            notifier = _WorkerNotifier(pipe_fd)
             server = Server(self.config, plugins=find_plugin, sockets=self.sockets,
-                            ops_sockets=self.ops_sockets or None, notifier=_WorkerNotifier(ready_fd),
+                            ops_sockets=self.ops_sockets or None, notifier=notifier,
                             broker=broker_factory(self.config.broker),
-                            reload=None if self.reload is None else _reload_and_tag(self.reload, index))
+                            reload=None if self.reload is None else _reload_and_tag(self.reload, index),
+                            hooks=self.hooks, api_key=read_api_key)
             _watch_parent(server, self.parent_pid)
+            if self.beat_interval:
+                _beat_every(server.loop, notifier, self.beat_interval)
             server.run()
             code = 0
         except BaseException as exc:  # the worker must end in os._exit, whatever happened
@@ -231,11 +319,11 @@ class Supervisor:
             finally:
                 os._exit(code)
 
-    def _close_ready(self, slot: _Slot) -> None:
-        fd = slot.ready_fd
+    def _close_pipe(self, slot: _Slot) -> None:
+        fd = slot.pipe_fd
         if fd < 0:
             return
-        slot.ready_fd = -1
+        slot.pipe_fd = -1
         self._pipes.pop(fd, None)
         self.loop.unregister(fd)
         os.close(fd)
@@ -269,7 +357,8 @@ class Supervisor:
 
     def _exited(self, slot: _Slot, status: int) -> None:
         pid, slot.pid = slot.pid, 0
-        self._close_ready(slot)
+        self.heartbeats.forget(slot.index)
+        self._close_pipe(slot)
         code = os.waitstatus_to_exitcode(status)
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
         if self.stopping:
@@ -282,8 +371,9 @@ class Supervisor:
             slot.failures = 0
         delay = min(_BACKOFF_MAX, _BACKOFF_MIN * 2 ** slot.failures)
         slot.failures += 1
+        cause = {"cause": f"unresponsive for {slot.killed_silent:.1f} s"} if slot.killed_silent else {}
         self.log.error("worker died; restarting", worker=slot.index, worker_pid=pid, exit=how,
-                       ran=round(ran, 3), restart_in=round(delay, 3))
+                       ran=round(ran, 3), restart_in=round(delay, 3), **cause)
         slot.timer = self.loop.call_later(delay, lambda: self._spawn(slot))
 
     def _on_stop(self, signum: int) -> None:
@@ -332,9 +422,40 @@ class Supervisor:
                 except ProcessLookupError:
                     pass
 
+    # ------------------------------------------------------------------ liveness
+    def _check_liveness(self) -> None:
+        """Every ``beat_interval``: SIGKILL each worker silent for longer than ``worker_timeout`` (once; SIGCHLD
+        then reaps and restarts it). Beats read in this iteration are already counted: the loop runs the I/O
+        handlers before the timers, so a supervisor that was itself stalled does not blame its workers."""
+        self.loop.call_later(self.beat_interval, self._check_liveness)
+        for index, silent in self.heartbeats.silent(self.clock(), self.worker_timeout):
+            slot = self.slots[index]
+            if not slot.pid or slot.killed_silent:
+                continue
+            slot.killed_silent = silent
+            self.log.error("worker unresponsive; killing it", worker=index, worker_pid=slot.pid,
+                           silent=round(silent, 3), worker_timeout=self.worker_timeout)
+            try:
+                os.kill(slot.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def _watchdog(self, interval: float) -> None:
-        self.notifier.watchdog()
+        """``WATCHDOG=1`` every ``interval``, but only while every running worker beat within ``interval``."""
         self.loop.call_later(interval, lambda: self._watchdog(interval))
+        silent = [(i, s) for i, s in self.heartbeats.silent(self.clock(), interval) if self.slots[i].pid]
+        if not silent:
+            if self._watchdog_withheld:
+                self._watchdog_withheld = False
+                self.log.info("workers beating again; watchdog pings resumed")
+            self.notifier.watchdog()
+            return
+        if not self._watchdog_withheld:
+            self._watchdog_withheld = True
+            index, seconds = silent[0]
+            self.log.error("worker silent; withholding the systemd watchdog ping", worker=index,
+                           worker_pid=self.slots[index].pid, silent=round(seconds, 3),
+                           worker_timeout=self.worker_timeout)
 
 
 def _reload_and_tag(reload: Callable[[], Config], index: int) -> Callable[[], Config]:
@@ -365,10 +486,11 @@ def _watch_parent(server: Server, parent: int) -> None:
     server.loop.call_later(1.0, check)
 
 
-def run_workers(config: Config, sockets: list[socket.socket], reload: Callable[[], Config] | None) -> int:
+def run_workers(config: Config, sockets: list[socket.socket], reload: Callable[[], Config] | None,
+                hooks: HookLoader | None = None) -> int:
     """Bind (unless ``sockets`` came from systemd), fork ``config.server.workers`` workers, supervise them.
 
     ``reload`` re-reads the configuration on SIGHUP, in the supervisor (for workers started later) and in each
     worker. Each worker builds its own broker (its own connections to Redis) from the configuration it starts with.
     """
-    return Supervisor(config, sockets, reload).run()
+    return Supervisor(config, sockets, reload, hooks).run()

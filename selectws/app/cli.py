@@ -1,4 +1,4 @@
-"""The ``selectws`` command line: ``serve``, ``check-config``, ``connect``.
+"""The ``selectws`` command line: ``serve``, ``check-config``, ``connect``, ``publish``.
 
 Precedence is flags > file > built-in defaults. A configuration error is one line naming the key, exit status 2,
 and nothing listens.
@@ -6,6 +6,7 @@ and nothing listens.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -15,8 +16,12 @@ import click
 
 from selectws import __version__
 from selectws.app.activation import ActivationError, inherited_sockets
+from selectws.app.api_client import ApiCallError
+from selectws.app.api_client import call as call_api
+from selectws.app.api_key import read_api_key, read_secret
 from selectws.app.connect import ConnectOptions, parse_header
 from selectws.app.connect import run as run_client
+from selectws.app.hooks import HookLoader, check_hooks
 from selectws.app.workers import run_workers
 from selectws.brokers import broker_factory
 from selectws.config import Config, ConfigError, load_config
@@ -29,8 +34,10 @@ __all__ = ["main"]
 
 
 def _load(config_path: str | None, overrides: dict[str, Any]) -> Config:
-    return load_config(config_path, overrides={k: v for k, v in overrides.items() if v is not None},
-                       plugin_resolver=find_plugin)
+    config = load_config(config_path, overrides={k: v for k, v in overrides.items() if v is not None},
+                         plugin_resolver=find_plugin)
+    read_api_key(config)  # [api]: a missing or empty key is a configuration error (serve, check-config, reload)
+    return config
 
 
 def _reloader(config_path: str, overrides: dict[str, Any]) -> Callable[[], Config]:
@@ -69,8 +76,10 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_level
     """Run the daemon (in the foreground; systemd or a terminal supervises it)."""
     overrides = {"server.host": host, "server.port": port, "logging.level": log_level, "logging.format": log_format,
                  "server.workers": workers}
+    hooks = HookLoader()  # [[hooks]]: reads the secrets; resolves host names here, before any loop runs
     try:
         config = _load(config_path, overrides)
+        hooks(config, True)
     except ConfigError as exc:
         _config_error(exc, config_path)
         return
@@ -86,14 +95,14 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_level
         sys.exit(1)
     if config.server.workers > 1:
         try:
-            sys.exit(run_workers(config, inherited, reload))
+            sys.exit(run_workers(config, inherited, reload, hooks))
         except OSError as exc:
             log.error("cannot listen", host=config.server.host, port=config.server.port, error=str(exc))
             sys.exit(1)
     try:
         # [broker] takes effect on restart: the broker is built once, here.
         server = Server(config, plugins=find_plugin, sockets=inherited or None, broker=broker_factory(config.broker),
-                        reload=reload)
+                        reload=reload, hooks=hooks, api_key=read_api_key)
     except Exception as exc:  # plugin constructors run here, the [tls] certificate and the broker are loaded
         log.error("cannot start", error=str(exc), key=getattr(exc, "key", None))
         sys.exit(1)
@@ -112,6 +121,7 @@ def check_config(config_path: str) -> None:
         config = _load(config_path, {})
         if config.tls.enabled:  # load the certificate and key as serve would
             build_context(config.tls, os.path.dirname(os.path.abspath(config_path)))
+        check_hooks(config)  # h11, the secrets and CA files of [[hooks]] (no DNS)
     except ConfigError as exc:
         _config_error(exc, config_path)
         return
@@ -167,3 +177,48 @@ def connect(url: str, headers: list[tuple[str, str]], subprotocols: tuple[str, .
         binary_format=binary_format, insecure=insecure, cafile=cafile, max_message_size=max_message_size,
     )
     sys.exit(run_client(options))
+
+
+@main.command()
+@click.argument("group")
+@click.argument("message", required=False, default="-")
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True,
+              help="The daemon's server API listener (the WebSocket port, or [ops] listen).")
+@click.option("--key-file", type=click.Path(dir_okay=False), help="File holding the API key.")
+@click.option("--key-env", metavar="NAME", help="Environment variable holding the API key "
+                                                "(default: SELECTWS_API_KEY when --key-file is not given).")
+@click.option("--binary", is_flag=True, help="MESSAGE (or each stdin line) is base64, sent as a binary message.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              metavar="SECONDS", help="Limit for each request.")
+@click.option("-v", "--verbose", is_flag=True, help="Print each result (JSON) on stdout.")
+def publish(group: str, message: str, url: str, key_file: str | None, key_env: str | None, binary: bool,
+            timeout: float, verbose: bool) -> None:
+    """Publish MESSAGE to GROUP through the server API (to every member on every instance).
+
+    With MESSAGE "-" (or none), publish each line of stdin as one message. Exit status 1 with the server's error
+    message when a publish fails.
+
+    \b
+      selectws publish broadcast:news 'hello' --key-file /etc/selectws/api.key
+      tail -f events.log | selectws publish broadcast:log - --key-env SELECTWS_API_KEY
+    """
+    if key_file and key_env:
+        raise click.UsageError("give --key-file or --key-env, not both")
+    try:
+        if key_file:
+            key = read_secret("--key-file", path=key_file)
+        else:
+            key = read_secret("--key-env", env=key_env or "SELECTWS_API_KEY")
+    except ConfigError as exc:
+        click.echo(f"selectws publish: {exc}", err=True)
+        sys.exit(2)
+    lines = (line.rstrip("\r\n") for line in sys.stdin) if message == "-" else iter([message])
+    for line in lines:
+        params: dict[str, Any] = {"group": group, "data_b64" if binary else "data": line}
+        try:
+            result = call_api(url, "publish", params, key, timeout=timeout)
+        except ApiCallError as exc:
+            click.echo(f"selectws publish: {exc}", err=True)
+            sys.exit(1)
+        if verbose:
+            click.echo(json.dumps(result))

@@ -36,10 +36,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_ROUTES",
+    "HOOK_EVENTS",
+    "ApiConfig",
     "BrokerConfig",
     "CompressionConfig",
     "Config",
     "ConfigError",
+    "HookConfig",
     "LimitsConfig",
     "LoggingConfig",
     "OpsConfig",
@@ -212,6 +215,9 @@ class ServerConfig:
     """``listen()`` backlog: how many not-yet-accepted connections the kernel may queue."""
     workers: int = _int(1, 1, 256)
     """Worker processes sharing the listening socket(s); more than 1 needs ``[broker] url``."""
+    worker_timeout: float = field(default=10.0, metadata={_RULE: _Rule(float, 0)})
+    """With ``workers`` > 1: seconds a worker may go without a heartbeat before the supervisor kills and restarts
+    it (0 = never; else >= 1)."""
     trusted_proxies: tuple[str, ...] = field(default=(), metadata={_RULE: _Rule(tuple)})
     """Addresses/CIDRs of reverse proxies whose ``Forwarded`` / ``X-Forwarded-For`` headers are believed."""
 
@@ -230,20 +236,26 @@ class LimitsConfig:
     """Most header fields in the opening handshake."""
     max_header_bytes: int = _int(16384, 256)
     """Total size of the request head (request line + headers)."""
-    write_buffer_high: int = _int(4 << 20, 1024)
-    """Per-connection outgoing buffer high-water mark; slow readers past it are dropped."""
+    write_buffer_high: int = _int(1 << 20, 1024)
+    """Per-connection outgoing buffer high-water mark: past it, we stop reading from that client."""
     max_connections: int = _int(0, 0)
     """Concurrent connection cap; 0 means unlimited (bounded only by file descriptors)."""
     max_connections_per_ip: int = _int(0, 0)
     """Open WebSocket connections per client address (after ``trusted_proxies``); over it: 503. 0 = no cap."""
     max_pending_handshakes: int = _int(1024, 1)
     """Sockets still in the opening handshake; a connection accepted beyond this is answered 503 and closed."""
-    write_buffer_limit: int = _int(17 << 20, 1024)
+    write_buffer_limit: int = _int(16 << 20, 1024)
     """Hard cap of one connection's outgoing buffer (>= ``write_buffer_high``): past it, a slow consumer."""
+    max_buffered_total: int = _int(256 << 20, 1 << 20)
+    """All connections' outgoing buffers together; past it the connections holding the most are dropped."""
     slow_consumer_action: str = _choice("close", "close", "reset")
     """``close``: send the close frame if the socket takes it, then drop; ``reset``: drop at once (TCP RST)."""
     slow_consumer_close_code: int = _int(1013, 1008, 1013)
     """Close code reported for a slow consumer: 1013 (try again later) or 1008 (policy violation)."""
+    linger_max_bytes: int = _int(8 << 20, 0)
+    """Bytes read and thrown away once we close: the rest of a message over the limit (before our 1009 close
+    frame), and again what comes after our FIN. 0: none (the close frame goes at once, the socket closes at the
+    first byte after our FIN)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +272,9 @@ class TimeoutsConfig:
     """Time allowed for the closing handshake before the socket is dropped."""
     shutdown_grace: float = _seconds(10.0)
     """On SIGTERM, how long connections get to close cleanly before being cut."""
+    linger: float = _seconds(2.0)
+    """Lingering close: how long a 1009 close frame waits for the end of the oversized message, and how long we
+    read and discard after our FIN, waiting for the peer's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +317,10 @@ class OpsConfig:
     """Serve ``healthz_path``: 200 while serving, 503 while draining."""
     healthz_path: str = field(default="/healthz", metadata={_RULE: _Rule(str, non_empty=True)})
     """URL path of the health check."""
+    readyz: bool = _bool(True)
+    """Serve ``readyz_path``: 200 while serving with the broker up, 503 while draining or while the broker is down."""
+    readyz_path: str = field(default="/readyz", metadata={_RULE: _Rule(str, non_empty=True)})
+    """URL path of the readiness check."""
     metrics: bool = _bool(True)
     """Serve ``metrics_path`` in the Prometheus text format."""
     metrics_path: str = field(default="/metrics", metadata={_RULE: _Rule(str, non_empty=True)})
@@ -360,6 +379,25 @@ class BrokerConfig:
     """A connection attempt (TCP, TLS, AUTH) that takes longer fails and is retried."""
     max_buffer: int = _int(16 << 20, 1024)
     """Bytes waiting to be written to Redis; a publish past this is dropped (and counted)."""
+    health_timeout: float = _seconds(3.0)
+    """A connection to Redis silent this long (no reply, no message; a PING goes every third of it when idle) is
+    hung: the broker is marked down, both connections are dropped and reconnected."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """The HTTP server API (``POST /api/<method>``, docs/api.md): off until a key is configured. The key itself is
+    never written here (this file is world-readable): it is read by the application from a file or the
+    environment, at start and on reload."""
+
+    key_file: str = field(default="", metadata={_RULE: _Rule(str)})
+    """File holding the API key (relative to the configuration file; surrounding whitespace is ignored)."""
+    key_env: str = field(default="", metadata={_RULE: _Rule(str)})
+    """Or: the environment variable holding it. At most one of the two."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.key_file or self.key_env)
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +419,38 @@ class RouteConfig:
     Empty: any origin (and none) is accepted."""
     subprotocol_required: bool | None = None
     """Refuse (400) clients offering none of the route's subprotocols; ``None`` follows the plugin's attribute."""
+
+
+HOOK_EVENTS: Final[tuple[str, ...]] = ("open", "close", "join", "leave", "occupied", "vacated")
+"""What a ``[[hooks]]`` table may ask for: occupied = a group's first member joined, vacated = its last one left."""
+
+
+@dataclass(frozen=True, slots=True)
+class HookConfig:
+    """One webhook receiver (``[[hooks]]``): events POSTed as signed JSON batches (docs/webhooks.md)."""
+
+    url: str = field(default="", metadata={_RULE: _Rule(str, non_empty=True)})
+    """``http://`` or ``https://`` URL the batches are POSTed to."""
+    events: tuple[str, ...] = field(default=(), metadata={_RULE: _Rule(tuple)})
+    """A non-empty subset of :data:`HOOK_EVENTS`."""
+    secret_file: str = field(default="", metadata={_RULE: _Rule(str)})
+    """File holding the HMAC-SHA256 secret (relative to the configuration file); read by the application."""
+    secret_env: str = field(default="", metadata={_RULE: _Rule(str)})
+    """Or: the environment variable holding it. Exactly one of the two."""
+    batch_interval: float = _seconds(0.1)
+    """A batch goes at most this often (the first event after a quiet spell waits this long for company)."""
+    max_batch: int = _int(100, 1, 10000)
+    """Most events in one POST."""
+    max_queue: int = _int(10000, 1)
+    """Events waiting to be sent; past it new events are dropped and counted."""
+    timeout: float = _seconds(5.0)
+    """One request (connect, TLS, send, response) that takes longer fails."""
+    backoff_min: float = _seconds(0.5)
+    """First wait after a failed request; doubles per consecutive failure up to ``backoff_max``."""
+    backoff_max: float = _seconds(30.0)
+    """Longest wait between attempts while the receiver keeps failing."""
+    ca_file: str = field(default="", metadata={_RULE: _Rule(str)})
+    """https: PEM CA bundle the receiver's certificate is checked against (empty: the system's)."""
 
 
 DEFAULT_ROUTES: Final[tuple[RouteConfig, ...]] = (
@@ -409,6 +479,8 @@ class Config:
     static: StaticConfig = field(default_factory=StaticConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    hooks: tuple[HookConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = field(default_factory=_default_routes)
     source: str | None = None
     """Path of the file this came from (``None`` for defaults/in-memory data); used by reload."""
@@ -425,8 +497,9 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "static": StaticConfig,
     "tls": TlsConfig,
     "broker": BrokerConfig,
+    "api": ApiConfig,
 }
-_TOP_LEVEL: Final[tuple[str, ...]] = (*_SECTIONS, "routes")
+_TOP_LEVEL: Final[tuple[str, ...]] = (*_SECTIONS, "routes", "hooks")
 _ROUTE_KEYS: Final[tuple[str, ...]] = (
     "path", "plugin", "options", "subprotocols", "compression", "origins", "subprotocol_required",
 )
@@ -497,7 +570,7 @@ def parse_config(
         sections[name] = _build_section(name, cls, merged.get(name, {}), overridden)
 
     ops = sections["ops"]
-    for name in ("healthz_path", "metrics_path"):
+    for name in ("healthz_path", "readyz_path", "metrics_path"):
         if not getattr(ops, name).startswith("/"):
             raise ConfigError(f"ops.{name}", f"must start with '/', got {getattr(ops, name)!r}")
     if ops.listen:
@@ -518,6 +591,11 @@ def parse_config(
             "limits.write_buffer_limit",
             f"must be >= limits.write_buffer_high ({limits.write_buffer_high}), got {limits.write_buffer_limit}",
         )
+    if limits.max_buffered_total < limits.write_buffer_limit:
+        raise ConfigError(
+            "limits.max_buffered_total",
+            f"must be >= limits.write_buffer_limit ({limits.write_buffer_limit}), got {limits.max_buffered_total}",
+        )
     if limits.slow_consumer_close_code not in (1008, 1013):
         raise ConfigError(
             "limits.slow_consumer_close_code", f"must be 1008 or 1013, got {limits.slow_consumer_close_code}"
@@ -535,6 +613,9 @@ def parse_config(
         parse_redis_url("broker.url", broker.url)
     if broker.reconnect_max < broker.reconnect_min:
         raise ConfigError("broker.reconnect_max", f"must be >= broker.reconnect_min ({broker.reconnect_min})")
+    worker_timeout = sections["server"].worker_timeout
+    if 0 < worker_timeout < 1:
+        raise ConfigError("server.worker_timeout", f"must be 0 (off) or >= 1, got {worker_timeout!r}")
     if sections["server"].workers > 1 and not broker.url:
         raise ConfigError(
             "server.workers",
@@ -542,7 +623,14 @@ def parse_config(
             "worker has its own groups and broadcasts would silently reach only part of the clients",
         )
 
+    api = sections["api"]
+    if api.key_file and api.key_env:
+        raise ConfigError("api.key_env", "set api.key_file or api.key_env, not both")
+    if api.key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api.key_env):
+        raise ConfigError("api.key_env", f"expected the name of an environment variable, got {api.key_env!r}")
+
     routes = _build_routes(data.get("routes"))
+    hooks = _build_hooks(data.get("hooks"))
 
     if plugin_resolver is not None:
         for i, route in enumerate(routes):
@@ -551,7 +639,7 @@ def parse_config(
             except Exception as exc:
                 raise ConfigError(f"routes[{i}].plugin", f"unknown plugin {route.plugin!r}: {exc}") from exc
 
-    return Config(**sections, routes=routes, source=source)
+    return Config(**sections, routes=routes, hooks=hooks, source=source)
 
 
 def parse_redis_url(key: str, url: str) -> tuple[str, int, int, bool, str]:
@@ -762,6 +850,49 @@ def _build_route(i: int, item: Any) -> RouteConfig:
         origins=tuple(origins),
         subprotocol_required=proto_required,
     )
+
+
+def _build_hooks(raw: Any) -> tuple[HookConfig, ...]:
+    """Validate ``[[hooks]]`` (absent: none). Secrets are read, and host names resolved, by the application."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list | tuple):
+        raise ConfigError("hooks", f"expected an array of tables ([[hooks]]), got {_type_name(raw)}")
+    hooks = []
+    for i, item in enumerate(raw):
+        prefix = f"hooks[{i}]"
+        hook = _build_section(prefix, HookConfig, item, frozenset())
+        if not hook.url:
+            raise ConfigError(f"{prefix}.url", "missing required key")
+        try:
+            parts = urlsplit(hook.url)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}.url", f"invalid URL {hook.url!r}: {exc}") from None
+        if parts.scheme not in ("http", "https"):
+            raise ConfigError(f"{prefix}.url", f"expected an http:// or https:// URL, got {hook.url!r}")
+        if not parts.hostname:
+            raise ConfigError(f"{prefix}.url", f"no host in {hook.url!r}")
+        if parts.username is not None or parts.fragment:
+            raise ConfigError(f"{prefix}.url", f"user names and fragments are not supported in {hook.url!r}")
+        if parts.scheme == "http" and hook.ca_file:
+            raise ConfigError(f"{prefix}.ca_file", "has no effect with an http:// url")
+        if not hook.events:
+            raise ConfigError(f"{prefix}.events", f"at least one event is required, of {', '.join(HOOK_EVENTS)}")
+        for j, name in enumerate(hook.events):
+            if name not in HOOK_EVENTS:
+                raise ConfigError(f"{prefix}.events[{j}]", f"unknown event {name!r}{_suggest(name, HOOK_EVENTS)}; "
+                                  f"expected one of {', '.join(HOOK_EVENTS)}")
+            if name in hook.events[:j]:
+                raise ConfigError(f"{prefix}.events[{j}]", f"duplicate event {name!r}")
+        if bool(hook.secret_file) == bool(hook.secret_env):
+            key = "secret_env" if hook.secret_env else "secret_file"
+            raise ConfigError(f"{prefix}.{key}", "exactly one of secret_file and secret_env is required (the "
+                              "HMAC secret is never written in the configuration itself)")
+        if hook.backoff_max < hook.backoff_min:
+            raise ConfigError(f"{prefix}.backoff_max", f"must be >= backoff_min ({hook.backoff_min})")
+        hooks.append(hook)
+    return tuple(hooks)
 
 
 def _copy_options(value: Any) -> Any:

@@ -99,7 +99,6 @@ class Connection:
         "_frag_opcode",
         "_frag_size",
         "_held",
-        "_input_pending",
         "_mask_source",
         "_out",
         "_out_spare",
@@ -107,6 +106,7 @@ class Connection:
         "_partial_decoder",
         "_plain",
         "_skip",
+        "input_pending",
         "close_code",
         "close_reason",
         "close_transport",
@@ -159,7 +159,10 @@ class Connection:
         #: The most frames one ``receive_data`` call parses; what is left waits for the next call
         #: (``input_pending``), so that one peer's flood of tiny frames cannot hold the driver's loop.
         self.max_frames = max_frames
-        self._input_pending = False
+        #: Whether the last :meth:`receive_data` stopped at ``max_frames`` with more input buffered: call
+        #: ``receive_data(b"")`` again, after serving other connections (a driver's fairness rule). A plain
+        #: attribute, read once per read on the hot path.
+        self.input_pending = False
         self.close_code: int | None = None  # the code of the close frame we sent, once sent
         self.close_reason = ""
         self.close_transport = False  # the driver closes TCP once data_to_send() is drained
@@ -180,7 +183,7 @@ class Connection:
         """
         if self._held is not None:
             return self._release_held(data)
-        self._input_pending = False
+        self.input_pending = False
         state = self.state
         if state is _CLOSED:
             if self._skip is not None:  # the rest of an oversized message (max_discard)
@@ -306,7 +309,7 @@ class Connection:
                 else:
                     frag_size += length
                 if len(frames) >= budget:
-                    self._input_pending = end - pos >= 2  # the rest waits for the next call
+                    self.input_pending = end - pos >= 2  # the rest waits for the next call
                     break
         except ProtocolError as exc:
             error = exc
@@ -345,7 +348,7 @@ class Connection:
                             code, reason = parse_close_payload(payload)
                             self._held = (code, reason, None)
                             self._buf = b""
-                            self._input_pending = False
+                            self.input_pending = False
                             return events
                         if self._control_frame(b0 & 0x0F, payload, append):
                             break
@@ -359,7 +362,7 @@ class Connection:
                 self._check_partial_text(buf, partial_at, end)
         except ProtocolError as exc:
             self._buf = b""
-            self._input_pending = False
+            self.input_pending = False
             if exc is error and exc.code == CloseCode.MESSAGE_TOO_BIG and self.max_discard and self.state is _OPEN:
                 # A header announced too much: the peer is still sending that message. Its rest (from the header
                 # at pos on) is skipped, and our close frame held, until it ends (max_discard).
@@ -381,12 +384,6 @@ class Connection:
         elif buf is self._buf:
             self._buf = b""
         return events
-
-    @property
-    def input_pending(self) -> bool:
-        """Whether the last :meth:`receive_data` stopped at ``max_frames`` with more input buffered: call
-        ``receive_data(b"")`` again, after serving other connections (a driver's fairness rule)."""
-        return self._input_pending
 
     @property
     def events_held(self) -> bool:
@@ -450,7 +447,7 @@ class Connection:
         self.state = _CLOSED
         self.close_transport = True
         self._buf = b""
-        self._input_pending = False
+        self.input_pending = False
         self._deflate = None
         self._frag_buf = None
         self._frag_decoder = None

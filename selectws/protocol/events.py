@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from selectws.protocol.http11 import Request, Response
 
-__all__ = ["Closed", "Event", "HandshakeFailed", "Message", "Ping", "Pong", "Request", "Response"]
+__all__ = ["Closed", "Event", "HandshakeFailed", "Message", "Ping", "Pong", "Request", "RequestBody", "Response"]
 
 
 class Message:
@@ -110,6 +110,19 @@ class HandshakeFailed:
     __hash__ = None  # type: ignore[assignment]
 
 
+class RequestBody:
+    """The body of a plain HTTP request (server role), once all of it is in: see ``ServerProtocol.expect_body``."""
+
+    __slots__ = ("body", "request")
+
+    def __init__(self, request: Request, body: bytes) -> None:
+        self.request = request
+        self.body = body
+
+    def __repr__(self) -> str:
+        return f"RequestBody({self.request.method} {self.request.target}, {len(self.body)} bytes)"
+
+
 #: What ``receive_data`` returns: a ``Request`` (server role) or ``Response`` (client role) ends the opening
-#: handshake's input, then messages, pings, pongs and one ``Closed``.
-Event = Message | Ping | Pong | Closed | Request | Response | HandshakeFailed
+#: handshake's input (a ``RequestBody`` may follow a plain request), then messages, pings, pongs and one ``Closed``.
+Event = Message | Ping | Pong | Closed | Request | Response | HandshakeFailed | RequestBody

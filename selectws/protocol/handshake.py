@@ -33,7 +33,7 @@ from selectws.protocol.deflate import (
     negotiate_server,
 )
 from selectws.protocol.errors import HandshakeError
-from selectws.protocol.events import Event, HandshakeFailed
+from selectws.protocol.events import Event, HandshakeFailed, RequestBody
 from selectws.protocol.http11 import (
     Headers,
     HttpLimits,
@@ -215,7 +215,7 @@ _DEFAULT_LIMITS = HttpLimits()
 class ServerProtocol(Connection):
     """The server side of one connection, from the first request byte (CONNECTING) to CLOSED."""
 
-    __slots__ = ("_limits",)
+    __slots__ = ("_body", "_limits")
 
     def __init__(
         self,
@@ -223,12 +223,29 @@ class ServerProtocol(Connection):
         http_limits: HttpLimits = _DEFAULT_LIMITS,
         max_message_size: int = 1 << 20,
         max_frame_size: int | None = None,
+        max_frames: int = 1 << 30,
     ) -> None:
         super().__init__(
-            SERVER, state=_S_CONNECTING, max_message_size=max_message_size, max_frame_size=max_frame_size
+            SERVER, state=_S_CONNECTING, max_message_size=max_message_size, max_frame_size=max_frame_size,
+            max_frames=max_frames,
         )
         self._limits: HttpLimits | None = http_limits  # None once a request head was parsed (or refused)
         # While CONNECTING, _deflate holds what accept() negotiated; it takes effect with send_response(101).
+        self._body: tuple[Request, int] | None = None  # a request waiting for this many body bytes (expect_body)
+
+    def expect_body(self, request: Request, size: int) -> list[Event]:
+        """Read ``size`` bytes of body after the head of ``request`` (a plain HTTP request such as a POST to the
+        server API; the caller bounds ``size``, from ``Content-Length``). A :class:`RequestBody` event comes from
+        ``receive_data`` once all of it is in, or is returned at once if it already is. If the body is not all
+        in and the client sent ``Expect: 100-continue``, a ``100 Continue`` is queued. Bytes past ``size`` are
+        ignored: the answer ends the connection."""
+        if self.state is not _S_CONNECTING or self._limits is not None or self._body is not None:
+            raise RuntimeError("expect_body: no request head waiting for its answer")
+        self._body = (request, size)
+        events = self._receive_handshake(b"")
+        if not events and "100-continue" in request.headers.tokens("Expect"):
+            self._out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return events
 
     def _receive_handshake(self, data: bytes | bytearray | memoryview) -> list[Event]:
         limits = self._limits
@@ -238,7 +255,12 @@ class ServerProtocol(Connection):
             self._buf = bytearray(data)
         if limits is None:
             # The request is in and its answer not yet sent: what follows waits for the 101 (frames), or is
-            # dropped with the connection (anything else).
+            # dropped with the connection (anything else), unless it is the body the caller expects.
+            body = self._body
+            if body is not None and len(self._buf) >= body[1]:
+                self._body = None
+                content, self._buf = bytes(self._buf[: body[1]]), b""
+                return [RequestBody(body[0], content)]
             return []
         buf = self._buf
         try:

@@ -6,7 +6,8 @@ A plugin never sees a socket. It gets:
   ``state`` dict, ``remote`` address, ``path``, ``params`` (path parameters such as ``{channel}``), ``query`` and
   ``headers``, and ``join`` / ``leave`` for groups;
 * :class:`ServerAPI` -- the server: groups (``join``, ``leave``, ``members``), ``broadcast(group, message,
-  exclude=...)`` which encodes the frame once for every recipient, connection lookup by id, and a logger.
+  exclude=...)`` which encodes the frame once for every recipient, connection lookup by id (``session.id`` is a
+  string, ``"<instance>.<n>"``, unique across instances), and a logger.
 
 The built-in plugins are written against this API only, so anything they do a user's plugin can do too.
 """
@@ -59,8 +60,10 @@ class Session(Protocol):
     subprotocol: str | None
 
     @property
-    def id(self) -> int:
-        """Unique within the process for its lifetime."""
+    def id(self) -> str:
+        """``"<instance>.<n>"``: unique across the instances of a cluster (each process draws a random 12-hex-digit
+        instance id at start), and never reused by this process. The server API and webhooks name sessions by
+        it; ``ServerAPI.get`` finds it again (on its own instance)."""
         ...
 
     @property
@@ -120,7 +123,9 @@ class ServerAPI(Protocol):
         """Send ``message`` to every member of ``group`` but ``exclude``; returns how many got it locally."""
         ...
 
-    def get(self, session_id: int) -> Session | None: ...
+    def get(self, session_id: str) -> Session | None:
+        """The open session with this :attr:`Session.id` on this instance (None: closed, or another instance's)."""
+        ...
 
     def all_sessions(self) -> list[Session]: ...
 

@@ -6,9 +6,11 @@ A :class:`ServerConnection` walks through four phases (:class:`Phase`):
                is decided from values by :func:`selectws.server.handshake.answer_request`;
 ``OPEN``       a WebSocket connection: bytes go to the protocol object, events to the plugin, output is coalesced
                and written once per loop iteration;
-``DRAINING``   our side is done: a FIN went out after the last queued byte, input is discarded until the peer
-               closes or a short linger expires (closing a socket with unread input would send a RST that can
-               destroy the close frame or HTTP answer still in flight);
+``DRAINING``   our side is done (the lingering close): a FIN goes out after the last queued byte, then input is
+               discarded until the peer closes, for at most ``[timeouts] linger`` and ``[limits]
+               linger_max_bytes`` (closing a socket with unread input would send a RST that can destroy the
+               close frame or HTTP answer still in flight). A 1009 close frame the protocol holds back while the
+               peer finishes sending the oversized message (``holding_close``) waits first, bounded the same way;
 ``CLOSED``     the socket is closed and the object forgotten.
 
 The WebSocket state itself (CONNECTING, OPEN, CLOSING, CLOSED) belongs to the protocol object alone: this module
@@ -25,15 +27,17 @@ from __future__ import annotations
 import selectors
 import socket
 import struct
+from collections import deque
 from enum import Enum
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from selectws.protocol.connection import State
 from selectws.protocol.errors import CloseCode
-from selectws.protocol.events import Closed, HandshakeFailed, Message, Pong, Request
+from selectws.protocol.events import Closed, HandshakeFailed, Message, Pong, Request, RequestBody
 from selectws.protocol.handshake import ServerProtocol
 from selectws.protocol.http11 import Headers, parse_query
-from selectws.server.handshake import answer_request
+from selectws.server.handshake import Outcome, answer_body, answer_request
 from selectws.server.routing import Route, Router
 from selectws.transport.loop import Timer
 
@@ -60,14 +64,22 @@ class _TimerKind(Enum):
     IDLE = "idle"  # handshake timeout, then keepalive
     CLOSE = "close"  # waiting for the peer's close frame
     LINGER = "linger"  # waiting for the peer's FIN after ours
+    HOLD = "hold"  # our 1009 close frame waits for the end of the peer's oversized message
 
 
-_T_IDLE, _T_CLOSE, _T_LINGER = _TimerKind.IDLE, _TimerKind.CLOSE, _TimerKind.LINGER
+_T_IDLE, _T_CLOSE, _T_LINGER, _T_HOLD = _TimerKind.IDLE, _TimerKind.CLOSE, _TimerKind.LINGER, _TimerKind.HOLD
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
-_LINGER = 2.0  # seconds to wait for the peer's FIN after ours
+_HOLD_IDLE = 0.5  # seconds without input after which a held close frame goes anyway (nginx's lingering_timeout)
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets and frees the kernel's buffers
 _EMPTY_HEADERS = Headers()
+#: Fairness: the most frames parsed for one connection in one loop iteration. A peer sending a flood of tiny
+#: frames (a million one-byte fragments, pings) gets this many, then every other ready connection its turn.
+FRAMES_PER_TURN = 512
+_JOIN_MAX = 65536  # a payload larger than this is not copied to go out behind its header (sendmsg)
+_IOV = 128  # buffers per sendmsg (IOV_MAX is 1024 on Linux)
+_SMALL = 2048  # queued pieces smaller than this are appended to a bytearray tail rather than kept one by one
+_TAIL = 65536  # ... up to this size of tail
 
 
 class PluginSession:
@@ -92,8 +104,9 @@ class PluginSession:
         self.subprotocol = subprotocol
 
     @property
-    def id(self) -> int:
-        return self._conn.id
+    def id(self) -> str:
+        """``<instance_id>.<n>``: unique across instances (the server API and webhooks name sessions by it)."""
+        return self._conn.session_id
 
     @property
     def path(self) -> str:
@@ -174,12 +187,16 @@ class ServerConnection:
 
     __slots__ = (
         "_awaiting_pong",
+        "_backlog",
         "_events",
+        "_linger_left",
+        "_linger_until",
         "_paused",
         "_plugin_failed",
         "_timer",
         "_timer_kind",
-        "_wbuf",
+        "_wq",
+        "_wsize",
         "bytes_in",
         "bytes_out",
         "dirty",
@@ -212,12 +229,18 @@ class ServerConnection:
         limits = server.config.limits
         self.ws = ServerProtocol(
             http_limits=server.http_limits, max_message_size=limits.max_message_size,
-            max_frame_size=limits.max_frame_size,
+            max_frame_size=limits.max_frame_size, max_frames=FRAMES_PER_TURN,
         )
         self.session: PluginSession | None = None
         self.route: Route | None = None
         self.path = ""
-        self._wbuf: bytes | bytearray = b""  # a bytearray only while something waits to be written
+        # What the socket has not taken yet, oldest first, as the very objects the protocol produced: a frame
+        # encoded once for a broadcast is queued, not copied, on every recipient that cannot take it now (small
+        # pieces are coalesced into a bytearray tail). None while nothing waits; _wsize is its byte count, also
+        # summed over all connections in server.buffered_total (the max_buffered_total budget).
+        self._wq: deque[bytes | bytearray | memoryview] | None = None
+        self._wsize = 0
+        self._backlog = False  # parsed input left for the next iteration (FRAMES_PER_TURN): not reading meanwhile
         self._events = _READ
         self._paused = False
         self.dirty = False  # on the server's flush list
@@ -229,12 +252,22 @@ class ServerConnection:
         self.last_seen = self.opened_at
         self._timer: Timer | None = None
         self._timer_kind = _T_IDLE
+        # The lingering close (DRAINING): bytes we still read and throw away, and when a held close frame must go.
+        self._linger_left = limits.linger_max_bytes
+        self._linger_until = 0.0
+        self.ws.max_discard = limits.linger_max_bytes
         self._set_timer(server.config.timeouts.handshake, _T_IDLE)
+
+    @property
+    def session_id(self) -> str:
+        """The id plugins, the server API and webhooks see: ``<instance_id>.<id>``, unique across instances
+        (``id`` is this process's registry key, and what log lines call ``conn``)."""
+        return f"{self.server.instance_id}.{self.id}"
 
     @property
     def buffered(self) -> int:
         """Bytes accepted for this peer and not yet written to its socket."""
-        return len(self._wbuf) + self.ws.pending_output
+        return self._wsize + self.ws.pending_output
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Start the closing handshake (plugins, server shutdown)."""
@@ -285,36 +318,94 @@ class ServerConnection:
         self.bytes_in += n
         self.last_seen = server.loop.now
         if self.phase is DRAINING:
-            return  # input is discarded
+            self._discard(n)
+            return
         ws = self.ws
         events = ws.receive_data(server.recv_view[:n])
         if events:
             self._handle_events(events)
             while ws.events_held:
                 self._handle_events(ws.receive_data(b""))
+        if ws.input_pending and self.sock is not None:
+            self._defer_input()
         if ws.has_output or ws.close_transport:
             self._flush_later()
 
+    def _defer_input(self) -> None:
+        """The protocol stopped at FRAMES_PER_TURN with frames left: parse them next iteration, after the other
+        connections had their turn, and read nothing more from this socket until they are done."""
+        if not self._backlog:
+            self._backlog = True
+            self._update_interest()
+        self.server.loop.call_soon(self._resume_input)
+
+    def _resume_input(self) -> None:
+        if self.sock is None or self.phase is not OPEN:
+            self._backlog = False
+            return
+        ws = self.ws
+        events = ws.receive_data(b"")
+        if events:
+            self._handle_events(events)
+            while ws.events_held:
+                self._handle_events(ws.receive_data(b""))
+        if ws.input_pending and self.sock is not None:
+            self.server.loop.call_soon(self._resume_input)
+        else:
+            self._backlog = False
+            self._update_interest()
+            self._input_resumed()
+        if ws.has_output or ws.close_transport:
+            self._flush_later()
+
+    def _input_resumed(self) -> None:
+        """The deferred input is parsed and the socket is watched again (TLS also checks its own buffer)."""
+
     def _on_writable(self) -> None:
-        sock = self.sock
-        assert sock is not None
+        wq = self._wq
+        if wq is None:  # dropped meanwhile
+            self._update_interest()
+            return
         try:
-            sent = sock.send(self._wbuf)
+            sent = self.sock.send(wq[0]) if len(wq) == 1 else self._send_pieces(list(islice(wq, _IOV)))  # type: ignore[union-attr]
         except self._would_block:
             return
         except OSError as exc:
             self._abort(f"send failed: {exc}")
             return
-        self.bytes_out += sent
-        wbuf = self._wbuf
-        assert isinstance(wbuf, bytearray)
-        del wbuf[:sent]  # O(1) from the front of a bytearray
-        if not wbuf:
-            self._wbuf = b""
+        self._sent_from_queue(sent)
+        if self._wq is None:
             self._after_drain()
-        elif self._paused and len(self._wbuf) <= self.server.low_water:
+        elif self._paused and self._wsize <= self.server.low_water:
             self._paused = False
             self._update_interest()
+
+    def _send_pieces(self, pieces: list[bytes | bytearray | memoryview]) -> int:
+        """One non-blocking gathered write of ``pieces`` (the TLS subclass joins them instead)."""
+        assert self.sock is not None
+        return self.sock.sendmsg(pieces)
+
+    def _sent_from_queue(self, sent: int) -> None:
+        """``sent`` bytes from the front of the queue went out: let go of them."""
+        self.bytes_out += sent
+        self._wsize -= sent
+        self.server.buffered_total -= sent
+        wq = self._wq
+        assert wq is not None
+        while sent:
+            front = wq[0]
+            n = len(front)
+            if sent < n:
+                if type(front) is bytearray:
+                    del front[:sent]  # in place, from the front of a bytearray: no copy
+                else:
+                    wq[0] = memoryview(front)[sent:]  # a view: the shared frame itself stays as it is
+                break
+            wq.popleft()
+            sent -= n
+        if not wq:
+            self._wq = None
+            self.server.backlogged.discard(self)
 
     def _on_eof(self) -> None:
         events = self.ws.receive_eof()
@@ -346,6 +437,8 @@ class ServerConnection:
                 self._on_request(event)
             elif kind is HandshakeFailed:
                 self._refuse(event.status, event.reason, event.headers)
+            elif kind is RequestBody:
+                self._on_body(event)
 
     def _on_request(self, request: Request) -> None:
         server = self.server
@@ -359,12 +452,17 @@ class ServerConnection:
             server.log.error("plugin on_handshake failed" if matched else "http handler failed",
                              plugin=matched[0].plugin_name if matched else None, path=request.path,
                              exc_info=outcome.raised)
+        if outcome.endpoint is not None:  # the answer needs the body (the server API): under the handshake timeout
+            events = ws.expect_body(request, outcome.body_size)
+            if events:
+                self._handle_events(events)
+            elif ws.has_output:  # a 100 Continue
+                self._flush_later()
+            return
         ws.send_response(outcome.response)
         route = outcome.route
         if route is None:
-            if outcome.response.status >= 400:
-                self._refused(outcome.response.status, outcome.reason, request.path)
-            self._end_handshake()
+            self._answered(outcome, request.path)
             return
         self.route = route
         self.phase = OPEN
@@ -377,6 +475,26 @@ class ServerConnection:
             route.plugin.on_open(session)
         except Exception:
             self._plugin_error("on_open")
+
+    def _on_body(self, event: RequestBody) -> None:
+        """The body of a request to a :class:`~selectws.server.routing.BodyHandler` is in: answer it."""
+        router = self.server.router if self.router is None else self.router
+        request = event.request
+        endpoint = router.body_handler(request.path)
+        if endpoint is None:  # switched off by a reload meanwhile
+            outcome = Outcome(self.ws.reject(404, f"no route for {request.path}"), self.remote, "no route")
+        else:
+            outcome = answer_body(request, self.remote, endpoint, event.body)
+        if outcome.raised is not None:
+            self.server.log.error("http handler failed", path=request.path, exc_info=outcome.raised)
+        self.ws.send_response(outcome.response)
+        self._answered(outcome, request.path)
+
+    def _answered(self, outcome: Outcome, path: str) -> None:
+        """An HTTP answer (not a 101) went into the protocol's output: count a refusal; end the connection."""
+        if outcome.response.status >= 400:
+            self._refused(outcome.response.status, outcome.reason, path)
+        self._end_handshake()
 
     def _refuse(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None) -> None:
         """Answer a request head we cannot read, or one that never came, with ``status`` (and end the connection)."""
@@ -438,38 +556,82 @@ class ServerConnection:
         if self.sock is None:
             return
         ws = self.ws
-        data = ws.data_to_send()
-        if data:
-            self._write(data)
-        if ws.close_transport and not self._wbuf and self.sock is not None:
+        pieces = ws.take_output()
+        if pieces:
+            self._write(pieces)
+            pieces.clear()  # the protocol's list (see take_output): let go of the pieces now
+        if ws.close_transport and self._wq is None and self.sock is not None:
             self._shutdown_transport()
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, pieces: list[bytes | bytearray | memoryview]) -> None:
+        """Send ``pieces`` now, as far as the socket takes them; queue the rest, shared, not copied."""
         sock = self.sock
         if sock is None:
             return
-        if self._wbuf:
-            if len(self._wbuf) + len(data) > self.server.hard_limit:  # never queue past the hard cap
-                self._drop_slow_consumer(len(self._wbuf) + len(data))
+        if self._wq is not None:  # behind a backlog: queue
+            total = sum(map(len, pieces))
+            if self._wsize + total > self.server.hard_limit:  # never queue past the hard cap
+                self._drop_slow_consumer(self._wsize + total)
                 return
-            self._wbuf += data
+            self._enqueue(pieces, total)
         else:
+            n = len(pieces)
             try:
-                sent = sock.send(data)
+                if n == 1:
+                    total = len(pieces[0])
+                    sent = sock.send(pieces[0])
+                elif n == 2 and len(pieces[1]) > _JOIN_MAX:  # a header and a large payload: no copy
+                    total = len(pieces[0]) + len(pieces[1])
+                    sent = self._send_pieces(pieces)
+                else:  # small pieces: one copy and one send() beat a gathered write
+                    data = b"".join(pieces)
+                    total = len(data)
+                    sent = sock.send(data)
             except self._would_block:
                 sent = 0
             except OSError as exc:
                 self._abort(f"send failed: {exc}")
                 return
             self.bytes_out += sent
-            if sent == len(data):
+            if sent == total:
                 return
-            self._wbuf = bytearray(memoryview(data)[sent:])
+            # Queue the rest as the original pieces (a frame shared by many recipients stays shared).
+            rest: list[bytes | bytearray | memoryview] = []
+            for piece in pieces:
+                size = len(piece)
+                if sent >= size:
+                    sent -= size
+                    continue
+                rest.append(memoryview(piece)[sent:] if sent else piece)
+                sent = 0
+            self._enqueue(rest, sum(map(len, rest)))
         self._check_backpressure()
 
-    def _check_backpressure(self) -> None:
-        size = len(self._wbuf)
+    def _enqueue(self, pieces: list[bytes | bytearray | memoryview], total: int) -> None:
+        wq = self._wq
         server = self.server
+        if wq is None:
+            wq = self._wq = deque()
+            server.backlogged.add(self)
+        for piece in pieces:
+            if len(piece) < _SMALL:
+                tail = wq[-1] if wq else None
+                if type(tail) is bytearray and len(tail) < _TAIL:
+                    tail += piece
+                else:
+                    wq.append(bytearray(piece))
+            else:
+                wq.append(piece)
+        self._wsize += total
+        server.buffered_total += total
+        if server.buffered_total > server.max_buffered_total:
+            server.shed_write_buffers()
+
+    def _check_backpressure(self) -> None:
+        size = self._wsize
+        server = self.server
+        if self.sock is None:  # dropped by the global budget
+            return
         if size > server.hard_limit:
             self._drop_slow_consumer(size)
             return
@@ -477,18 +639,25 @@ class ServerConnection:
             self._paused = True  # stop reading what this peer sends until it reads what we send
         self._update_interest()
 
-    def _drop_slow_consumer(self, size: int) -> None:
+    def _drop_slow_consumer(self, size: int, over_budget: bool = False) -> None:
         """The peer does not read what it is sent: holding more would let one client grow our memory without
         bound (and a broadcast wait for it). Nothing more is queued. With ``slow_consumer_action = "close"`` one
         non-blocking attempt sends what is queued plus a close frame; unless all of it went out the socket is
         reset (SO_LINGER 0), which also frees what the kernel still holds for it."""
         server = self.server
         code = server.slow_consumer_close_code
-        server.log.warning(
-            "dropping a slow consumer", conn=self.id, peer=self.remote[0], path=self.path, buffered=size,
-            limit=server.hard_limit, code=code, action=server.slow_consumer_action,
-        )
-        server.counters.slow_consumers_dropped += 1
+        if over_budget:  # one line for the whole shedding comes from the server; this one is detail
+            server.log.info(
+                "dropping a connection over the write buffer budget", conn=self.id, peer=self.remote[0],
+                path=self.path, buffered=size, code=code,
+            )
+            server.counters.budget_dropped += 1
+        else:
+            server.log.warning(
+                "dropping a slow consumer", conn=self.id, peer=self.remote[0], path=self.path, buffered=size,
+                limit=server.hard_limit, code=code, action=server.slow_consumer_action,
+            )
+            server.counters.slow_consumers_dropped += 1
         sock = self.sock
         ws = self.ws
         delivered = False
@@ -498,13 +667,13 @@ class ServerConnection:
             frame = ws.data_to_send()
             if sock is not None:
                 try:
-                    pending = self._wbuf
-                    sent = sock.send(pending) if pending else 0
+                    wq = self._wq
+                    pieces = list(islice(wq, _IOV)) if wq is not None else []
+                    pieces.append(frame)
+                    want = sum(map(len, pieces))
+                    sent = self._send_pieces(pieces)
                     self.bytes_out += sent
-                    if sent == len(pending):
-                        sent = sock.send(frame)
-                        self.bytes_out += sent
-                        delivered = sent == len(frame)
+                    delivered = sent == want and (wq is None or len(wq) < _IOV)
                 except OSError:
                     pass
         if sock is not None and not delivered:
@@ -518,6 +687,11 @@ class ServerConnection:
             self._on_ws_closed(closed)
         self._close_socket()
 
+    def drop_over_budget(self) -> None:
+        """Dropped by the server's ``max_buffered_total`` budget (see :meth:`Server.shed_write_buffers`)."""
+        if self.sock is not None:
+            self._drop_slow_consumer(self._wsize, over_budget=True)
+
     def _after_drain(self) -> None:
         """The write buffer just emptied."""
         self._paused = False
@@ -530,7 +704,9 @@ class ServerConnection:
         sock = self.sock
         if sock is None:
             return
-        events = (0 if self._paused and self.phase is OPEN else _READ) | (_WRITE if self._wbuf else 0)
+        events = (0 if (self._paused and self.phase is OPEN) or self._backlog else _READ) | (
+            _WRITE if self._wq is not None else 0
+        )
         if events != self._events:
             loop = self.server.loop
             if events == 0:
@@ -542,21 +718,59 @@ class ServerConnection:
             self._events = events
 
     def _shutdown_transport(self) -> None:
-        """Send our FIN after the last byte, then wait briefly for the peer's (see the module docstring)."""
+        """The lingering close (DRAINING in the module docstring): our FIN after the last byte, then input read and
+        discarded until the peer's FIN, for ``linger`` seconds and ``linger_max_bytes`` at most.
+
+        While the protocol holds a 1009 close frame (the peer is still sending the message it refused) there is
+        nothing to write yet: we keep reading, so that the protocol finds the end of that message, for at most
+        ``linger`` seconds, or ``_HOLD_IDLE`` without input. A browser reports a close frame that reaches it
+        before its own send has finished as unclean (Chromium: ``wasClean`` false), whatever TCP does after it."""
         sock = self.sock
-        if sock is None or self.ws.state is not _S_CLOSED:
+        ws = self.ws
+        if sock is None or ws.state is not _S_CLOSED:
             return
-        if self.phase is DRAINING and self._timer is not None and self._timer_kind is _T_LINGER:
-            return
+        kind = self._timer_kind
+        if self.phase is DRAINING and self._timer is not None and kind is _T_LINGER:
+            return  # our FIN is out
+        server = self.server
         self.phase = DRAINING
-        self.server.handshaking.pop(self.id, None)
+        server.handshaking.pop(self.id, None)
+        linger = server.config.timeouts.linger
+        if ws.holding_close:
+            if kind is not _T_HOLD:
+                self._linger_until = server.loop.now + linger
+                self._set_timer(min(_HOLD_IDLE, linger), _T_HOLD)
+                self._update_interest()
+            return
         try:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close_socket()
             return
-        self._set_timer(_LINGER, _T_LINGER)
+        self._set_timer(linger, _T_LINGER)
         self._update_interest()
+
+    def _discard(self, n: int) -> None:
+        """DRAINING: ``n`` bytes arrived in the shared receive buffer; they are thrown away (no copy). A held close
+        frame learns from them where the oversized message ends (then it is flushed); other input counts against
+        ``linger_max_bytes``, past which the socket is closed (a reset, if the peer is still sending)."""
+        ws = self.ws
+        if ws.holding_close:
+            server = self.server
+            ws.receive_data(server.recv_view[:n])  # frame headers only: the payload is skipped, never copied
+            if ws.holding_close:
+                self._set_timer(min(_HOLD_IDLE, self._linger_until - server.loop.now), _T_HOLD)
+            else:
+                self._flush_later()
+            return
+        left = self._linger_left = self._linger_left - n
+        if left < 0:
+            self._close_socket()
+
+    def _end_hold(self) -> None:
+        """The oversized message did not end within ``linger`` (or the peer paused): our close frame goes now."""
+        self.ws.release_close()
+        self._flush_later()
 
     # ================================================================== timers
     def _set_timer(self, delay: float, kind: _TimerKind) -> None:
@@ -582,6 +796,8 @@ class ServerConnection:
             self._on_timer()
         elif kind is _T_CLOSE:
             self._on_close_timeout()
+        elif kind is _T_HOLD:
+            self._end_hold()
         else:
             self._close_socket()  # linger over
 
@@ -658,7 +874,11 @@ class ServerConnection:
             sock.close()
         except OSError:
             pass
-        self._wbuf = b""
+        if self._wq is not None:
+            self.server.buffered_total -= self._wsize
+            self.server.backlogged.discard(self)
+            self._wq = None
+            self._wsize = 0
         self.server.on_gone(self)
         # The session and the connection refer to each other: let go of it here, so that reference counting frees
         # both now (a plugin that keeps its session still has a harmless, closed one).

@@ -7,10 +7,15 @@ for a 101, the route and its parameters. The order of the checks gives the most 
 405), the upgrade itself (426 / 400 / 405 from RFC 6455 section 4.2.1), the origin allow-list (403), the
 per-address and global connection limits and draining (503), the plugin's own ``on_handshake`` (its status, or
 500 if it raised), the subprotocol (400 when one is required), then permessage-deflate.
+
+A request to an endpoint that reads a body (the server API, a :class:`BodyHandler`) is decided in two steps: from
+its head (an answer at once, or ``Outcome.endpoint`` and ``body_size``: read that many bytes), then
+:func:`answer_body` with the body.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
@@ -18,14 +23,16 @@ from ipaddress import IPv4Network, IPv6Network
 from selectws.protocol.deflate import DeflateSettings
 from selectws.protocol.errors import HandshakeError
 from selectws.protocol.handshake import ServerProtocol, check_upgrade_request, choose_subprotocol
-from selectws.protocol.http11 import Request, Response, make_response
+from selectws.protocol.http11 import Headers, Request, Response, make_response
 from selectws.server.api import Accept, HandshakeRequest, Reject
 from selectws.server.proxy import client_address
-from selectws.server.routing import Route, Router
+from selectws.server.routing import BodyHandler, HttpResult, Route, Router
 
-__all__ = ["Admission", "Outcome", "answer_request"]
+__all__ = ["Admission", "Outcome", "answer_body", "answer_request"]
 
 _RETRY = [("Retry-After", "5")]
+#: The interim answer to a request whose body is still to be read (sent only if the client asked for it).
+_CONTINUE = Response(100, "Continue", (1, 1), Headers())
 
 
 @dataclass(slots=True)
@@ -51,6 +58,11 @@ class Outcome:
     route: Route | None = None
     params: dict[str, str] = field(default_factory=dict)
     raised: Exception | None = None  # what a plugin's on_handshake or an HTTP handler raised (answered 500)
+    # Set when the answer needs the request body: read ``body_size`` bytes (``ServerProtocol.expect_body``), then
+    # call :func:`answer_body`. ``response`` is then only the interim ``100 Continue`` (which ``expect_body``
+    # queues itself when the client asked for it).
+    endpoint: BodyHandler | None = None
+    body_size: int = 0
 
 
 def answer_request(
@@ -61,6 +73,9 @@ def answer_request(
         remote = client_address(remote, request.headers, admission.trusted_proxies)
     matched = router.match(request.path)
     if matched is None:
+        endpoint = router.body_handler(request.path) if router.body_handlers else None
+        if endpoint is not None:
+            return _prepare_body(ws, request, remote, endpoint)
         handler = router.http_handler(request.path)
         if handler is None:
             return _refuse(ws, remote, 404, f"no route for {request.path}")
@@ -110,6 +125,43 @@ def answer_request(
     if response.status != 101:  # an extension offer that cannot be accepted as written
         return Outcome(response, remote, response.body.decode("utf-8", "replace").strip().partition(" ")[2])
     return Outcome(response, remote, route=route, params=params)
+
+
+def _prepare_body(ws: ServerProtocol, request: Request, remote: tuple[str, int], endpoint: BodyHandler) -> Outcome:
+    """A request to an endpoint that reads a body: its answer from the head alone, or the body to read first."""
+    try:
+        decided = endpoint.prepare(request)
+    except Exception as exc:
+        outcome = _refuse(ws, remote, 500, "internal error")
+        outcome.raised = exc
+        return outcome
+    if isinstance(decided, int):
+        return Outcome(_CONTINUE, remote, endpoint=endpoint, body_size=decided)
+    return _http_answer(request, remote, decided)
+
+
+def answer_body(request: Request, remote: tuple[str, int], endpoint: BodyHandler, body: bytes) -> Outcome:
+    """The answer to a request whose body was read (an :class:`Outcome` with ``endpoint`` set, then ``body``)."""
+    try:
+        result = endpoint.handle(request, body)
+    except Exception as exc:
+        response = make_response(500, (), b"500 internal error\n")
+        return Outcome(response, remote, "internal error", raised=exc)
+    return _http_answer(request, remote, result)
+
+
+def _http_answer(request: Request, remote: tuple[str, int], result: HttpResult) -> Outcome:
+    status, headers, body = result
+    # For the log line of a refusal: the message of a JSON error object (the server API), else the first line.
+    reason = ""
+    if status >= 400:
+        reason = body[:300].decode("utf-8", "replace").partition("\n")[0]
+        if body[:10].startswith(b'{"error"'):
+            try:
+                reason = str(json.loads(body)["error"]["message"])
+            except (ValueError, KeyError, TypeError):
+                pass
+    return Outcome(make_response(status, headers, body, head_only=request.method == "HEAD"), remote, reason)
 
 
 def _refuse(

@@ -89,6 +89,13 @@ def render_metrics(stats: ServerStats) -> str:
               stats.accepted)
     w.counter(f"{p}accept_errors_total", "accept() failures for lack of resources (file descriptors, memory).",
               stats.accept_errors)
+    w.gauge(f"{p}accept_paused", "1 while accept() fails for lack of resources (listeners paused or answering from "
+            "the reserve of spare descriptors only), else 0.", 1 if stats.accept_paused else 0)
+    w.gauge(f"{p}accept_reserve_fds", "Spare descriptors held for accepting while out of file descriptors.",
+            stats.accept_reserve)
+    w.counter(f"{p}accept_reserve_used_total", "Connections accepted on a spare descriptor while out of file "
+              "descriptors (served /healthz and /metrics only; WebSocket upgrades answered 503).",
+              stats.accept_reserve_used)
     w.family(f"{p}http_rejected_total", "counter", "Handshakes and HTTP requests answered with an error status.",
              [((("status", str(status)),), n) for status, n in sorted(stats.rejected.items())])
     w.counter(f"{p}handshake_failures_total", "Opening handshakes refused or timed out.", stats.handshake_failures)
@@ -110,12 +117,17 @@ def render_metrics(stats: ServerStats) -> str:
     w.gauge(f"{p}groups", "Broadcast groups with at least one member.", stats.groups)
     w.gauge(f"{p}write_buffer_bytes", "Bytes waiting in the write buffers of all connections.",
             stats.write_buffer_bytes)
+    w.gauge(f"{p}write_buffer_budget_bytes", "The limit on write_buffer_bytes ([limits] max_buffered_total).",
+            stats.write_buffer_budget)
+    w.counter(f"{p}write_buffer_budget_dropped_total",
+              "Connections dropped, most unsent bytes first, because all write buffers together passed "
+              "max_buffered_total.", stats.budget_dropped)
     w.gauge(f"{p}draining", "1 while the server is shutting down, else 0.", 1 if stats.draining else 0)
     broker = stats.broker
     w.family(f"{p}broker_up", "gauge", "1 while group messages reach the other instances (always 1 in memory).",
              [((("broker", broker.kind),), 1 if broker.up else 0)])
-    w.counter(f"{p}broker_dropped_total", "Group messages delivered locally only: the broker was down or its "
-              "write buffer full (or the connection was lost before Redis confirmed them).", broker.dropped)
+    w.counter(f"{p}broker_dropped_total", "Group messages delivered locally only: the broker was down (or hung) "
+              "or its write buffer full (or the connection was lost before Redis confirmed them).", broker.dropped)
     w.counter(f"{p}broker_reconnects_total", "Reconnections to the broker after a lost connection.",
               broker.reconnects)
     # Only brokers that count them (Redis): the in-memory broker has nothing to publish, receive or fail.
@@ -127,6 +139,20 @@ def render_metrics(stats: ServerStats) -> str:
         if value is not None:
             w.counter(f"{p}broker_{name}_total", help_text, value)
 
+    if stats.hooks:  # [[hooks]] (docs/webhooks.md), labelled by receiver URL without its query
+        for name, kind, attr, help_text in (
+            ("hook_events_sent_total", "counter", "sent", "Webhook events in batches the receiver answered 2xx."),
+            ("hook_events_failed_total", "counter", "failed", "Webhook events in requests that failed after "
+             "leaving (timeout, reset, non-2xx answer); never resent (at-most-once)."),
+            ("hook_events_dropped_total", "counter", "dropped", "Webhook events dropped: the queue was full "
+             "(max_queue)."),
+            ("hook_requests_total", "counter", "requests", "Webhook requests (batches) started."),
+            ("hook_request_failures_total", "counter", "request_failures", "Webhook requests that failed."),
+            ("hook_queue_events", "gauge", "queued", "Webhook events queued or in flight."),
+            ("hook_failing", "gauge", "failing", "1 while deliveries to the receiver fail (backing off), else 0."),
+        ):
+            w.family(f"{p}{name}", kind, help_text,
+                     [((("url", hook.url),), int(getattr(hook, attr))) for hook in stats.hooks])
     w.gauge(f"{p}loop_lag_max_seconds", "Longest time one event-loop iteration took since start.", stats.loop_lag_max)
     w.counter(f"{p}loop_iterations_total", "Event-loop iterations.", stats.loop_iterations)
     w.gauge(f"{p}timers", "Live timers in the event loop (cancelled ones are not counted).",
@@ -139,6 +165,8 @@ def render_metrics(stats: ServerStats) -> str:
     w.counter(f"{p}process_cpu_seconds_total", "User and system CPU time spent, in seconds.",
               usage.ru_utime + usage.ru_stime)
     w.gauge(f"{p}process_max_resident_memory_bytes", "Peak resident set size, in bytes.", usage.ru_maxrss * 1024)
+    w.gauge(f"{p}process_max_fds", "Maximum number of open file descriptors (the soft RLIMIT_NOFILE).",
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     return w.render()
 
 

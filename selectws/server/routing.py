@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from selectws.protocol.http11 import Request
 from selectws.server.api import Plugin
 
-__all__ = ["HttpHandler", "HttpResult", "Route", "Router", "compile_path"]
+__all__ = ["BodyHandler", "HttpHandler", "HttpResult", "Route", "Router", "compile_path"]
 
 _NO_PARAMS: dict[str, str] = {}  # shared by every connection on a literal route; treat as read-only
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -17,6 +18,18 @@ _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 #: An HTTP handler answers a request with (status, headers, body).
 HttpResult = tuple[int, list[tuple[str, str]], bytes]
 HttpHandler = Callable[[Request], HttpResult]
+
+
+class BodyHandler(Protocol):
+    """An HTTP endpoint that reads a request body (the server API, ``POST /api/<method>``).
+
+    ``prepare`` decides from the head alone: an answer at once (401, 405, 413, ...), or the number of body bytes to
+    read (bounded by the handler). ``handle`` then answers the request with its body.
+    """
+
+    def prepare(self, request: Request) -> HttpResult | int: ...
+
+    def handle(self, request: Request, body: bytes) -> HttpResult: ...
 
 
 def compile_path(path: str) -> re.Pattern[str] | None:
@@ -62,9 +75,17 @@ class Router:
         self.http: dict[str, HttpHandler] = dict(http or {})
         #: Handler for any other plain HTTP GET/HEAD (the static files); None answers 404.
         self.fallback: HttpHandler | None = fallback
+        #: Handlers of requests with a body, by path prefix (the server API under ``/api/``).
+        self.body_handlers: dict[str, BodyHandler] = {}
 
     def http_handler(self, path: str) -> HttpHandler | None:
         return self.http.get(path) or self.fallback
+
+    def body_handler(self, path: str) -> BodyHandler | None:
+        for prefix, handler in self.body_handlers.items():
+            if path.startswith(prefix):
+                return handler
+        return None
 
     def match(self, path: str) -> tuple[Route, dict[str, str]] | None:
         route = self._exact.get(path)

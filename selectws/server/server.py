@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import secrets
 import selectors
 import signal
 import socket
@@ -24,11 +25,14 @@ from selectws.protocol.deflate import DeflateSettings
 from selectws.protocol.errors import CloseCode
 from selectws.protocol.events import Closed
 from selectws.protocol.http11 import HttpLimits, build_response
+from selectws.server.accept import OUT_OF_RESOURCES, AcceptGuard, ReserveRouter
 from selectws.server.api import Plugin, Session
 from selectws.server.broker import Broker, BrokerFactory, Deliver, MemoryBroker
 from selectws.server.connection import ServerConnection
 from selectws.server.handshake import Admission
 from selectws.server.health import ops_handlers
+from selectws.server.hooks import HookLoader, Hooks
+from selectws.server.http_api import API_PREFIX, ServerApi
 from selectws.server.proxy import parse_networks
 from selectws.server.routing import Route, Router
 from selectws.server.static import static_handler
@@ -78,14 +82,32 @@ class Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    server.log.error("accept failed: out of resources", error=str(exc))
-                    server.counters.accept_errors += 1
+                if exc.errno in OUT_OF_RESOURCES:
+                    self._out_of_resources(exc)
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 raise
             server.accept_connection(conn, addr, self.router)
+
+    def _out_of_resources(self, exc: OSError) -> None:
+        """accept() failed for lack of descriptors (or memory): serve one connection from the reserve, or pause
+        this listener until a descriptor is free (:mod:`selectws.server.accept`). Never the common path."""
+        server = self.server
+        guard = server.accept_guard
+        if not guard.failed(self, exc):
+            return
+        try:
+            conn, addr = self.sock.accept()
+        except OSError:  # the queue emptied meanwhile, or still no descriptor: the spare goes back
+            guard.refill()
+            return
+        guard.served()
+        accepted = server.accept_connection(conn, addr, self.router)
+        if accepted is None:  # refused at once: its descriptor is free again
+            guard.refill()
+        elif self.router is None:  # a WebSocket listener: the operator endpoints, or 503 (it holds a spare)
+            accepted.router = ReserveRouter(server.router, server._ops_paths, server)
 
     @property
     def address(self) -> tuple[Any, ...]:
@@ -106,19 +128,33 @@ class Server:
         notifier: Notifier | None = None,
         broker: BrokerFactory | None = None,
         reload: Callable[[], Config] | None = None,
+        hooks: HookLoader | None = None,
+        api_key: Callable[[Config], str | None] | None = None,
     ) -> None:
         """``plugins`` finds a plugin class by its configured name; ``broker`` builds the broker (default: in
-        memory); ``reload`` re-reads the configuration on SIGHUP (None: nothing to reload). The application layer
-        passes all three."""
+        memory); ``reload`` re-reads the configuration on SIGHUP (None: nothing to reload); ``hooks`` reads the
+        ``[[hooks]]`` secrets and addresses (None: no webhooks). The application layer passes them."""
         self.config = config
         self.loop = EventLoop()
         self.log = get_logger("selectws.server").bind()  # bound again by apply_config after a reload
         self.notifier = notifier or Notifier.from_env()
         self.find_plugin = plugins
         self.reload = reload
+        self._hook_loader = hooks
+        # The server API (selectws/server/http_api.py): ``api_key(config)`` reads its key (the application's
+        # secrets reader; a ConfigError naming the key if it cannot); None, or no key configured: the API is off.
+        self._api_key_reader = api_key
+        self.api: ServerApi | None = None
+        #: Random per process: session ids are ``<instance_id>.<n>``, unique across the instances of a cluster.
+        self.instance_id = secrets.token_hex(6)
+        self.hooks: Hooks | None = None  # webhooks (selectws/server/hooks.py); None when none are configured
         self.recv_buffer = bytearray(_RECV_SIZE)
         self.recv_view = memoryview(self.recv_buffer)
         self.dirty: list[ServerConnection] = []
+        # Write buffers: the connections with unsent output, and the sum of their unsent bytes (a broadcast frame
+        # queued on many counts once per recipient: an upper bound of the memory held).
+        self.backlogged: set[ServerConnection] = set()
+        self.buffered_total = 0
         self.connections: dict[int, ServerConnection] = {}  # every accepted socket, by id
         self.sessions: dict[int, ServerConnection] = {}  # open WebSocket connections, by id
         self.groups: dict[str, dict[int, ServerConnection]] = {}
@@ -143,6 +179,8 @@ class Server:
         self.started_at = time.time()
         #: Plain integers on the hot path, turned into metrics only when asked (see :meth:`stats`).
         self.counters = Counters()
+        # Out of file descriptors: the spare descriptors, the paused listeners (selectws/server/accept.py).
+        self.accept_guard = AcceptGuard(self.loop, self.counters, lambda: self.log)
         # Hardening: sockets still in the opening handshake, open WebSockets per client address (the address
         # after trusted_proxies), and the rate limit of the "too many pending handshakes" warning.
         self.handshaking: dict[int, ServerConnection] = {}
@@ -150,6 +188,8 @@ class Server:
         self._ip_of: dict[int, str] = {}  # connection id -> the address it is counted under in per_ip
         self._pending_refused_unlogged = 0
         self._pending_warned_at = float("-inf")
+        self._shed_unlogged = 0  # connections dropped by the write buffer budget since its last warning
+        self._shed_warned_at = float("-inf")
         self.apply_config(config)
         self.loop.end_of_iteration.append(self._flush_dirty)
         self.loop.end_of_iteration.append(flush_logs)
@@ -168,6 +208,9 @@ class Server:
             draining=self.draining,
             accepted=c.accepted,
             accept_errors=c.accept_errors,
+            accept_paused=self.accept_guard.exhausted,
+            accept_reserve=len(self.accept_guard.spares),
+            accept_reserve_used=self.accept_guard.reserve_used,
             rejected=dict(c.rejected),
             handshake_failures=c.handshake_failures,
             messages_in=c.messages_in,
@@ -181,11 +224,14 @@ class Server:
             handshaking=len(self.handshaking),
             open_by_route=by_route,
             groups=len(self.groups),
-            write_buffer_bytes=sum(conn.buffered for conn in live),
+            write_buffer_bytes=self.buffered_total + sum(conn.ws.pending_output for conn in live),
+            write_buffer_budget=self.max_buffered_total,
+            budget_dropped=c.budget_dropped,
             loop_iterations=self.loop.iterations,
             loop_lag_max=self.loop.max_lag,
             timers=self.loop.timer_count,
             broker=self.broker.stats(),
+            hooks=self.hooks.stats() if self.hooks else (),
         )
 
     # ------------------------------------------------------------------ configuration
@@ -195,6 +241,9 @@ class Server:
         The plugins are constructed first: if one raises, nothing of the running configuration has changed.
         """
         tls_context = self._tls_for(config)  # first: a certificate that fails to load changes nothing
+        # Webhook secrets and addresses, before anything changes too; DNS only at start (before the loop runs).
+        hook_targets = self._hook_loader(config, not hasattr(self, "router")) if self._hook_loader else ()
+        api_key = self._api_key_reader(config) if self._api_key_reader is not None else None  # before changes too
         routes = []
         for rc in config.routes:
             plugin_cls = self.find_plugin(rc.plugin)
@@ -215,6 +264,7 @@ class Server:
         # A connection whose backlog passes this is not reading at all and is dropped (close 1013).
         # Output that would take a connection's backlog past this is not queued: the peer is a slow consumer.
         self.hard_limit = limits.write_buffer_limit
+        self.max_buffered_total = limits.max_buffered_total
         self.slow_consumer_action = limits.slow_consumer_action
         self.slow_consumer_close_code = limits.slow_consumer_close_code
         self.max_connections = limits.max_connections
@@ -226,6 +276,13 @@ class Server:
         base = os.path.dirname(os.path.abspath(config.source)) if config.source else None
         self.router.fallback = static_handler(config.static, base=base, warn=self.log.warning)
         self._apply_ops(config)
+        self._apply_api(config, api_key)
+        if hook_targets and self.hooks is None:
+            self.hooks = Hooks(self.loop, lambda: self.log)
+        if self.hooks is not None:
+            self.hooks.configure(hook_targets)
+            if not self.hooks:
+                self.hooks = None
         self.deflate_settings: DeflateSettings | None = None
         if config.compression.enabled or any(r.compression for r in routes):
             c = config.compression
@@ -267,6 +324,13 @@ class Server:
             self.router.http.update(handlers)
             self._ops_paths = list(handlers)
 
+    def _apply_api(self, config: Config, key: str | None) -> None:
+        """(Re)register the server API (``POST /api/<method>``) where /healthz and /metrics are, or take it away
+        when no key is configured."""
+        self.api = ServerApi(self, key, config.limits.max_message_size, self.log) if key else None
+        router = self.ops_router if self._ops_listen else self.router
+        router.body_handlers = {API_PREFIX: self.api} if self.api is not None else {}
+
     # ------------------------------------------------------------------ listening
     def start(self) -> None:
         """Listen, install signal handlers, tell systemd we are ready."""
@@ -292,6 +356,8 @@ class Server:
                 listener = Listener(self, sock, self.ops_router)
                 self.ops_listeners.append(listener)
                 self.loop.register(sock, selectors.EVENT_READ, listener)
+        self.accept_guard.keep_for_ops = 1 if self.ops_listeners else 0  # a spare the WebSocket port cannot take
+        self.accept_guard.refill()  # the spare descriptors, for when the process runs out of them
         self.loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
         self.loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
@@ -302,6 +368,7 @@ class Server:
             inherited=bool(self._inherited), tls=self.tls_context is not None, pid=os.getpid(),
             ops_addresses=ops_addresses,
             ops_paths=sorted(self.ops_router.http if self.ops_listeners else self._ops_paths),
+            instance=self.instance_id, api=self.api is not None,
         )
         self.broker.start()
         self._status_sent = self.status_text()
@@ -327,17 +394,23 @@ class Server:
             listener.sock.close()
         self.listeners = []
         self.ops_listeners = []
+        self.accept_guard.close()
         for conn in list(self.connections.values()):
             conn.shutdown_now()
         self.broker.close()
+        if self.hooks:
+            self.hooks.shutdown()
         self.loop.close()
         self.notifier.close()
 
     # ------------------------------------------------------------------ connections
-    def accept_connection(self, sock: socket.socket, addr: Any, router: Router | None = None) -> None:
+    def accept_connection(
+        self, sock: socket.socket, addr: Any, router: Router | None = None
+    ) -> ServerConnection | None:
+        """Serve an accepted socket; the connection, or None if it was refused (and closed) at once."""
         if router is None and len(self.handshaking) >= self.max_pending_handshakes:
             self._refuse_pending(sock, addr)
-            return
+            return None
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -356,12 +429,13 @@ class Server:
             except OSError as exc:  # the peer is already gone
                 self.log.info("connection lost before TLS", peer=remote[0], error=str(exc))
                 sock.close()
-                return
+                return None
         self.connections[conn_id] = conn
         if router is None:  # the operator listener's health checks are never refused for a handshake flood
             self.handshaking[conn_id] = conn
         self.counters.accepted += 1
         self.loop.register(conn.sock, selectors.EVENT_READ, conn)  # the SSLSocket for TLS
+        return conn
 
     def _refuse_pending(self, sock: socket.socket, addr: Any) -> None:
         """Too many sockets in the opening handshake: answer 503 at once (best effort, never blocking) and close.
@@ -421,6 +495,8 @@ class Server:
             "open", conn=conn.id, peer=conn.remote[0], port=conn.remote[1], path=conn.path,
             subprotocol=session.subprotocol if session is not None else None,
         )
+        if self.hooks:
+            self.hooks.open(conn)
 
     def on_closed(self, conn: ServerConnection, event: Closed) -> None:
         """The WebSocket of ``conn`` ended (its socket may still be draining)."""
@@ -438,6 +514,8 @@ class Server:
             reason=event.reason, by_peer=event.by_peer, duration=round(self.loop.now - conn.opened_at, 3),
             bytes_in=conn.bytes_in, bytes_out=conn.bytes_out,
         )
+        if self.hooks:
+            self.hooks.close(conn, event.code, event.reason)
 
     def on_gone(self, conn: ServerConnection) -> None:
         """The socket of ``conn`` is closed: forget it."""
@@ -446,8 +524,35 @@ class Server:
         if self.connections.pop(conn.id, None) is not None:
             self.counters.closed_bytes_in += conn.bytes_in
             self.counters.closed_bytes_out += conn.bytes_out
+        guard = self.accept_guard
+        if guard.exhausted or len(guard.spares) < guard.reserve:  # a descriptor is free: the reserve, the listeners
+            guard.freed()
         if self.draining and not self.connections:
             self._finish_shutdown()
+
+    def shed_write_buffers(self) -> None:
+        """All write buffers together passed ``max_buffered_total``: drop the connections holding the most unsent
+        bytes until the sum is back under three quarters of it (room, so that the next shedding is not at once).
+        One warning per episode: at most one line per 10 s, with the count since the last line."""
+        limit = self.max_buffered_total
+        target = limit - (limit >> 2)
+        before = self.buffered_total
+        dropped = 0
+        for conn in sorted(self.backlogged, key=lambda c: c.buffered, reverse=True):
+            if self.buffered_total <= target:
+                break
+            conn.drop_over_budget()
+            dropped += 1
+        self._shed_unlogged += dropped
+        now = self.loop.now
+        if now - self._shed_warned_at >= 10.0:
+            self._shed_warned_at = now
+            self.log.warning(
+                "write buffers over max_buffered_total; dropped the connections holding the most unsent bytes",
+                dropped=self._shed_unlogged, buffered_before=before, buffered_after=self.buffered_total,
+                limit=limit,
+            )
+            self._shed_unlogged = 0
 
     def _flush_dirty(self) -> None:
         dirty = self.dirty
@@ -463,13 +568,15 @@ class Server:
 
     # ------------------------------------------------------------------ ServerAPI for plugins
     def join(self, session: Session, group: str) -> None:
-        conn = self.sessions.get(session.id)
+        conn = self.sessions.get(_local_id(session))
         if conn is None or conn.session is None:
             return
         members = self.groups.get(group)
         if members is None:
             members = self.groups[group] = {}
             self.broker.subscribe(group)
+        if self.hooks and conn.id not in members:
+            self.hooks.join(conn, group, first=not members)
         members[conn.id] = conn
         own = conn.session
         if own._groups is None:
@@ -480,12 +587,14 @@ class Server:
         members = self.groups.get(group)
         if members is None:
             return
-        conn = members.pop(session.id, None)
+        conn = members.pop(_local_id(session), None)
         if conn is not None and conn.session is not None and conn.session._groups is not None:
             conn.session._groups.discard(group)
         if not members:
             del self.groups[group]
             self.broker.unsubscribe(group)
+        if conn is not None and self.hooks:
+            self.hooks.leave(conn, group, last=not members)
 
     def members(self, group: str) -> list[Session]:
         return [conn.session for conn in self.groups.get(group, {}).values() if conn.session is not None]
@@ -515,8 +624,12 @@ class Server:
         self.counters.messages_out += count
         return count
 
-    def get(self, session_id: int) -> Session | None:
-        conn = self.sessions.get(session_id)
+    def get(self, session_id: str) -> Session | None:
+        """The open session with this id (``<instance_id>.<n>``), if it is on this instance."""
+        instance, _, number = str(session_id).rpartition(".")
+        if instance != self.instance_id or not (number.isascii() and number.isdigit()):
+            return None
+        conn = self.sessions.get(int(number))
         return conn.session if conn is not None else None
 
     def all_sessions(self) -> list[Session]:
@@ -547,7 +660,7 @@ class Server:
             self.notifier.ready(status=f"reload failed: {exc}; {self.status_text()}")
             return
         self.log.info("configuration reloaded", source=config.source,
-                      routes=[f"{r.path} -> {r.plugin_name}" for r in self.router.routes])
+                      routes=[f"{r.path} -> {r.plugin_name}" for r in self.router.routes], api=self.api is not None)
         self.notifier.ready(status=f"configuration reloaded; {self.status_text()}")
 
     def shutdown(self, grace: float | None = None) -> None:
@@ -613,8 +726,15 @@ def _exclude_ids(exclude: Session | Iterable[Session] | None) -> frozenset[int]:
     if exclude is None:
         return frozenset()
     if not isinstance(exclude, Iterable):  # one session
-        return frozenset((exclude.id,))
-    return frozenset(s.id for s in exclude)
+        return frozenset((_local_id(exclude),))
+    return frozenset(_local_id(s) for s in exclude)
+
+
+def _local_id(session: Session) -> int:
+    """The registry key of ``session``: its connection's number in this process (plugins see ``session.id``, the
+    string ``<instance_id>.<n>`` unique across instances)."""
+    conn = getattr(session, "_conn", None)
+    return conn.id if conn is not None else -1
 
 
 def _memory_broker(loop: EventLoop, deliver: Deliver, log: Any) -> Broker:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BrokerStats", "Counters", "ServerStats"]
+__all__ = ["BrokerStats", "Counters", "HookStats", "ServerStats"]
 
 
 class Counters:
@@ -18,6 +18,7 @@ class Counters:
     __slots__ = (
         "accept_errors",
         "accepted",
+        "budget_dropped",
         "close_codes",
         "closed_bytes_in",
         "closed_bytes_out",
@@ -38,6 +39,7 @@ class Counters:
         self.messages_out = 0
         self.plugin_errors = 0
         self.slow_consumers_dropped = 0
+        self.budget_dropped = 0  # connections dropped by the max_buffered_total budget
         self.close_codes: dict[int, int] = {}
         self.closed_bytes_in = 0
         self.closed_bytes_out = 0
@@ -53,6 +55,20 @@ class BrokerStats:
     published: int | None = None  # None: the broker does not count it (in memory)
     received: int | None = None
     errors: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HookStats:
+    """One ``[[hooks]]`` receiver (selectws/server/hooks.py); counts are events, except the two request counts."""
+
+    url: str  # without its query
+    queued: int
+    sent: int
+    failed: int  # in requests that left and failed: not resent (at-most-once)
+    dropped: int  # refused by a full queue
+    requests: int
+    request_failures: int
+    failing: bool  # in a failure episode (backing off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +97,14 @@ class ServerStats:
     loop_lag_max: float
     timers: int
     broker: BrokerStats
+    write_buffer_budget: int = 0  # [limits] max_buffered_total
+    budget_dropped: int = 0  # connections dropped by it
+    # Out of file descriptors (selectws/server/accept.py): accept() failing now, the spare descriptors held, and
+    # the connections accepted on one of them since start.
+    accept_paused: bool = False
+    accept_reserve: int = 0
+    accept_reserve_used: int = 0
+    hooks: tuple[HookStats, ...] = ()  # one per [[hooks]] receiver
 
     @property
     def connections_open(self) -> int:

@@ -1,4 +1,4 @@
-"""The ``selectws`` command line: ``serve``, ``check-config``, ``connect``, ``publish``.
+"""The ``selectws`` command line: ``serve``, ``check-config``, ``connect``, ``publish``, ``gentoken``.
 
 Precedence is flags > file > built-in defaults. A configuration error is one line naming the key, exit status 2,
 and nothing listens.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from selectws.app.api_key import read_api_key, read_secret
 from selectws.app.connect import ConnectOptions, parse_header
 from selectws.app.connect import run as run_client
 from selectws.app.hooks import HookLoader, check_hooks
+from selectws.app.jwt_keys import INSTALL_HINT, load_jwt
 from selectws.app.workers import run_workers
 from selectws.brokers import broker_factory
 from selectws.config import Config, ConfigError, load_config
@@ -37,6 +39,7 @@ def _load(config_path: str | None, overrides: dict[str, Any]) -> Config:
     config = load_config(config_path, overrides={k: v for k, v in overrides.items() if v is not None},
                          plugin_resolver=find_plugin)
     read_api_key(config)  # [api]: a missing or empty key is a configuration error (serve, check-config, reload)
+    load_jwt(config)  # [auth] for auth = "jwt" routes: PyJWT installed, the secret or public key readable
     return config
 
 
@@ -102,7 +105,7 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_level
     try:
         # [broker] takes effect on restart: the broker is built once, here.
         server = Server(config, plugins=find_plugin, sockets=inherited or None, broker=broker_factory(config.broker),
-                        reload=reload, hooks=hooks, api_key=read_api_key)
+                        reload=reload, hooks=hooks, api_key=read_api_key, jwt=load_jwt)
     except Exception as exc:  # plugin constructors run here, the [tls] certificate and the broker are loaded
         log.error("cannot start", error=str(exc), key=getattr(exc, "key", None))
         sys.exit(1)
@@ -222,3 +225,57 @@ def publish(group: str, message: str, url: str, key_file: str | None, key_env: s
             sys.exit(1)
         if verbose:
             click.echo(json.dumps(result))
+
+
+@main.command()
+@click.option("--sub", required=True, help="The user: the token's sub claim (the group user:<sub>).")
+@click.option("--name", help="A name claim (the chat plugin's name on an auth = \"jwt\" route).")
+@click.option("--ttl", type=click.IntRange(min=0), default=3600, show_default=True, metavar="SECONDS",
+              help="exp = now + SECONDS; 0: no exp claim (the connection never expires).")
+@click.option("--secret-file", type=click.Path(dir_okay=False),
+              help="File holding the HMAC secret ([auth] jwt_secret_file), or the PEM private key for RS/PS/ES.")
+@click.option("--secret-env", metavar="NAME", help="Environment variable holding the HMAC secret.")
+@click.option("--algorithm", default="HS256", show_default=True,
+              help="HS256, HS384, HS512, or RS256, ES256, ... with a private key in --secret-file.")
+@click.option("--aud", help="The aud claim ([auth] audience).")
+@click.option("--iss", help="The iss claim ([auth] issuer).")
+def gentoken(sub: str, name: str | None, ttl: int, secret_file: str | None, secret_env: str | None, algorithm: str,
+             aud: str | None, iss: str | None) -> None:
+    """Print a signed JWT for an auth = "jwt" route (for development and tests; docs/auth.md).
+
+    \b
+      selectws gentoken --sub 42 --name alice --secret-file /etc/selectws/jwt.secret
+      T=$(selectws gentoken --sub 42 --secret-env SELECTWS_JWT_SECRET --ttl 60)
+      selectws connect "ws://127.0.0.1:8000/echo?token=$T"
+    """
+    if bool(secret_file) == bool(secret_env):
+        raise click.UsageError("give --secret-file or --secret-env, one of them")
+    try:
+        import jwt
+    except ImportError:
+        click.echo(f"selectws gentoken: PyJWT is not installed: {INSTALL_HINT}", err=True)
+        sys.exit(2)
+    try:
+        if secret_file:
+            key = read_secret("--secret-file", path=secret_file)
+        else:
+            key = read_secret("--secret-env", env=secret_env or "")
+    except ConfigError as exc:
+        click.echo(f"selectws gentoken: {exc}", err=True)
+        sys.exit(2)
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": sub, "iat": now}
+    if ttl:
+        claims["exp"] = now + ttl
+    if name is not None:
+        claims["name"] = name
+    if aud:
+        claims["aud"] = aud
+    if iss:
+        claims["iss"] = iss
+    try:
+        token = jwt.encode(claims, key, algorithm=algorithm)
+    except (jwt.PyJWTError, NotImplementedError, ValueError, TypeError) as exc:
+        click.echo(f"selectws gentoken: cannot sign with {algorithm}: {exc}", err=True)
+        sys.exit(2)
+    click.echo(token)

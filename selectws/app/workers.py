@@ -47,6 +47,7 @@ import structlog
 
 from selectws.app.api_key import read_api_key
 from selectws.app.hooks import HookLoader
+from selectws.app.jwt_keys import load_jwt
 from selectws.brokers import broker_factory
 from selectws.config import Config, split_host_port
 from selectws.plugins.registry import find_plugin
@@ -300,7 +301,7 @@ class Supervisor:
                             ops_sockets=self.ops_sockets or None, notifier=notifier,
                             broker=broker_factory(self.config.broker),
                             reload=None if self.reload is None else _reload_and_tag(self.reload, index),
-                            hooks=self.hooks, api_key=read_api_key)
+                            hooks=self.hooks, api_key=read_api_key, jwt=load_jwt)
             _watch_parent(server, self.parent_pid)
             if self.beat_interval:
                 _beat_every(server.loop, notifier, self.beat_interval)

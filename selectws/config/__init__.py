@@ -37,7 +37,10 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_ROUTES",
     "HOOK_EVENTS",
+    "JWT_HMAC_ALGORITHMS",
+    "JWT_KEY_ALGORITHMS",
     "ApiConfig",
+    "AuthConfig",
     "BrokerConfig",
     "CompressionConfig",
     "Config",
@@ -98,6 +101,7 @@ class _Rule:
     exclusive_minimum: bool = False  # "> minimum" instead of ">= minimum"
     choices: tuple[str, ...] = ()  # for str: allowed values, compared case-insensitively
     non_empty: bool = False
+    unit: str = "seconds"  # for float: what the number counts, in the "expected a number of ..." error
 
     def check(self, key: str, value: Any) -> Any:
         """Return the normalised value, or raise :class:`ConfigError` naming ``key``."""
@@ -117,7 +121,7 @@ class _Rule:
             return value
         if self.kind is float:
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(key, f"expected a number of seconds, got {_type_name(value)}")
+                raise ConfigError(key, f"expected a number of {self.unit}, got {_type_name(value)}")
             number = float(value)
             if not math.isfinite(number):
                 raise ConfigError(key, f"must be a finite number, got {value!r}")
@@ -242,6 +246,9 @@ class LimitsConfig:
     """Concurrent connection cap; 0 means unlimited (bounded only by file descriptors)."""
     max_connections_per_ip: int = _int(0, 0)
     """Open WebSocket connections per client address (after ``trusted_proxies``); over it: 503. 0 = no cap."""
+    max_connections_per_user: int = _int(0, 0)
+    """Open connections per user (the ``sub`` of a JWT, ``auth = "jwt"`` routes), on this instance; over it: 429.
+    0 = no cap."""
     max_pending_handshakes: int = _int(1024, 1)
     """Sockets still in the opening handshake; a connection accepted beyond this is answered 503 and closed."""
     write_buffer_limit: int = _int(16 << 20, 1024)
@@ -256,6 +263,14 @@ class LimitsConfig:
     """Bytes read and thrown away once we close: the rest of a message over the limit (before our 1009 close
     frame), and again what comes after our FIN. 0: none (the close frame goes at once, the socket closes at the
     first byte after our FIN)."""
+    max_messages_per_second: float = field(
+        default=0.0, metadata={_RULE: _Rule(float, 0, unit="messages per second")}
+    )
+    """Default per-connection message rate (a token bucket; a route may override it); 0 = no limit."""
+    burst: int = _int(0, 0)
+    """Default size of that bucket: messages a connection may send at once (>= 1 when the rate is set)."""
+    rate_limit_action: str = _choice("close", "close", "drop")
+    """A message over the rate: ``close`` the connection with 1008, or ``drop`` the message (and count it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,6 +415,39 @@ class ApiConfig:
         return bool(self.key_file or self.key_env)
 
 
+#: What ``[auth] algorithms`` may list: HMAC with a shared secret, or a signature checked with a public key.
+JWT_HMAC_ALGORITHMS: Final[tuple[str, ...]] = ("HS256", "HS384", "HS512")
+JWT_KEY_ALGORITHMS: Final[tuple[str, ...]] = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES256K", "ES384", "ES512", "EdDSA",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """JWT verification for the routes with ``auth = "jwt"`` (docs/auth.md). Like the API key, the secret is never
+    written here: the application reads it from a file or the environment, at start and on reload."""
+
+    jwt_secret_file: str = field(default="", metadata={_RULE: _Rule(str)})
+    """File holding the HMAC secret (HS256/384/512), relative to the configuration file; whitespace around it
+    is ignored."""
+    jwt_secret_env: str = field(default="", metadata={_RULE: _Rule(str)})
+    """Or: the environment variable holding that secret."""
+    jwt_public_key_file: str = field(default="", metadata={_RULE: _Rule(str)})
+    """Or: a PEM public key (RS*, PS*, ES*, EdDSA). Exactly one of the three when a route has ``auth = "jwt"``."""
+    algorithms: tuple[str, ...] = field(default=("HS256",), metadata={_RULE: _Rule(tuple)})
+    """Accepted ``alg`` values: HS* with a secret, the others with a public key (never both kinds, never none)."""
+    audience: str = field(default="", metadata={_RULE: _Rule(str)})
+    """Required ``aud`` (empty: a token carrying an ``aud`` is refused, one without is accepted)."""
+    issuer: str = field(default="", metadata={_RULE: _Rule(str)})
+    """Required ``iss`` (empty: not checked)."""
+    leeway: float = field(default=0.0, metadata={_RULE: _Rule(float, 0, 300)})
+    """Seconds of clock skew allowed on ``exp``, ``nbf`` and ``iat``; an open connection closes at exp + leeway."""
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.jwt_secret_file or self.jwt_secret_env or self.jwt_public_key_file)
+
+
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
     """One URL path served by one plugin."""
@@ -417,8 +465,21 @@ class RouteConfig:
     origins: tuple[str, ...] = ()
     """Allowed ``Origin`` values (lower-case ``scheme://host[:port]``); a missing or other Origin gets 403.
     Empty: any origin (and none) is accepted."""
+    auth: str = "none"
+    """``"none"``, or ``"jwt"``: the handshake needs a token verified with ``[auth]`` (docs/auth.md)."""
     subprotocol_required: bool | None = None
     """Refuse (400) clients offering none of the route's subprotocols; ``None`` follows the plugin's attribute."""
+    max_messages_per_second: float | None = None
+    """Per-connection message rate on this route (0: no limit); ``None`` follows ``[limits]``."""
+    burst: int | None = None
+    """Messages a connection may send at once on this route; ``None`` follows ``[limits]``."""
+    rate_limit_action: str | None = None
+    """``close`` (1008) or ``drop`` for a message over the rate; ``None`` follows ``[limits]``."""
+
+    def rate_limit(self, limits: LimitsConfig) -> dict[str, Any]:
+        """The route's effective ``max_messages_per_second``, ``burst`` and ``rate_limit_action`` (keyword
+        arguments of the server's ``Route``): its own where set, else those of ``[limits]``."""
+        return {key: getattr(limits, key) if getattr(self, key) is None else getattr(self, key) for key in _RATE_KEYS}
 
 
 HOOK_EVENTS: Final[tuple[str, ...]] = ("open", "close", "join", "leave", "occupied", "vacated")
@@ -480,6 +541,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     hooks: tuple[HookConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = field(default_factory=_default_routes)
     source: str | None = None
@@ -498,10 +560,14 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "tls": TlsConfig,
     "broker": BrokerConfig,
     "api": ApiConfig,
+    "auth": AuthConfig,
 }
 _TOP_LEVEL: Final[tuple[str, ...]] = (*_SECTIONS, "routes", "hooks")
+# Route keys that override the [limits] key of the same name (validated by that key's rule).
+_RATE_KEYS: Final[tuple[str, ...]] = ("max_messages_per_second", "burst", "rate_limit_action")
 _ROUTE_KEYS: Final[tuple[str, ...]] = (
-    "path", "plugin", "options", "subprotocols", "compression", "origins", "subprotocol_required",
+    "path", "plugin", "options", "subprotocols", "compression", "origins", "auth", "subprotocol_required",
+    *_RATE_KEYS,
 )
 
 
@@ -630,6 +696,8 @@ def parse_config(
         raise ConfigError("api.key_env", f"expected the name of an environment variable, got {api.key_env!r}")
 
     routes = _build_routes(data.get("routes"))
+    _check_rate_limits(limits, routes)
+    _check_auth(sections["auth"], routes)
     hooks = _build_hooks(data.get("hooks"))
 
     if plugin_resolver is not None:
@@ -640,6 +708,44 @@ def parse_config(
                 raise ConfigError(f"routes[{i}].plugin", f"unknown plugin {route.plugin!r}: {exc}") from exc
 
     return Config(**sections, routes=routes, hooks=hooks, source=source)
+
+
+def _check_auth(auth: AuthConfig, routes: tuple[RouteConfig, ...]) -> None:
+    """``[auth]``: one source of key material, algorithms of its kind; a route with ``auth = "jwt"`` needs one.
+    Whether PyJWT is installed, and the secret itself, are checked by the application (it reads the secret)."""
+    given = [name for name in ("jwt_secret_file", "jwt_secret_env", "jwt_public_key_file") if getattr(auth, name)]
+    if len(given) > 1:
+        raise ConfigError(f"auth.{given[1]}", f"set one of auth.jwt_secret_file, auth.jwt_secret_env and "
+                                              f"auth.jwt_public_key_file, not both auth.{given[0]} and this")
+    if auth.jwt_secret_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", auth.jwt_secret_env):
+        raise ConfigError("auth.jwt_secret_env",
+                          f"expected the name of an environment variable, got {auth.jwt_secret_env!r}")
+    if not auth.algorithms:
+        raise ConfigError("auth.algorithms", "at least one algorithm is required, e.g. [\"HS256\"]")
+    known = JWT_HMAC_ALGORITHMS + JWT_KEY_ALGORITHMS
+    for j, alg in enumerate(auth.algorithms):
+        key = f"auth.algorithms[{j}]"
+        if alg.lower() == "none":
+            raise ConfigError(key, "'none' (an unsigned token) is never accepted")
+        if alg not in known:
+            raise ConfigError(key, f"unknown algorithm {alg!r}{_suggest(alg, known)}; expected one of "
+                                   f"{', '.join(known)}")
+        if alg in auth.algorithms[:j]:
+            raise ConfigError(key, f"duplicate algorithm {alg!r}")
+    hmac_algs = [a for a in auth.algorithms if a in JWT_HMAC_ALGORITHMS]
+    if auth.jwt_public_key_file and hmac_algs:
+        # Algorithm confusion: a public key used as an HMAC secret would let anyone holding it sign tokens.
+        raise ConfigError("auth.algorithms", f"{hmac_algs[0]} needs a shared secret (auth.jwt_secret_file or "
+                                             "auth.jwt_secret_env), not auth.jwt_public_key_file")
+    if (auth.jwt_secret_file or auth.jwt_secret_env) and len(hmac_algs) != len(auth.algorithms):
+        other = next(a for a in auth.algorithms if a not in JWT_HMAC_ALGORITHMS)
+        raise ConfigError("auth.algorithms", f"{other} needs auth.jwt_public_key_file; a secret signs HS256, "
+                                             "HS384 and HS512 only")
+    for i, route in enumerate(routes):
+        if route.auth == "jwt" and not given:
+            raise ConfigError("auth.jwt_secret_file", f"routes[{i}] ({route.path}) has auth = \"jwt\": set "
+                                                      "auth.jwt_secret_file, auth.jwt_secret_env or "
+                                                      "auth.jwt_public_key_file")
 
 
 def parse_redis_url(key: str, url: str) -> tuple[str, int, int, bool, str]:
@@ -835,6 +941,11 @@ def _build_route(i: int, item: Any) -> RouteConfig:
             raise ConfigError(key, f"{origin!r} is not an origin like 'https://example.com' or 'http://host:8080'")
         origins.append(normalised)
 
+    auth = item.get("auth", "none")
+    if auth not in ("none", "jwt"):
+        shown = repr(auth) if isinstance(auth, str) else _type_name(auth)
+        raise ConfigError(f"{prefix}.auth", f"must be 'none' or 'jwt', got {shown}")
+
     proto_required = item.get("subprotocol_required")
     if proto_required is not None and not isinstance(proto_required, bool):
         raise ConfigError(
@@ -848,8 +959,32 @@ def _build_route(i: int, item: Any) -> RouteConfig:
         subprotocols=tuple(subprotocols),
         compression=compression,
         origins=tuple(origins),
+        auth=auth,
         subprotocol_required=proto_required,
+        **_route_rate_limits(prefix, item),
     )
+
+
+def _route_rate_limits(prefix: str, item: Mapping[str, Any]) -> dict[str, Any]:
+    """The route's own ``max_messages_per_second``, ``burst`` and ``rate_limit_action``, checked by the rules of
+    the ``[limits]`` keys they override (so both give the same errors)."""
+    rules = {f.name: f.metadata[_RULE] for f in fields(LimitsConfig) if f.name in _RATE_KEYS}
+    return {key: rules[key].check(f"{prefix}.{key}", item[key]) for key in _RATE_KEYS if key in item}
+
+
+def _check_rate_limits(limits: LimitsConfig, routes: tuple[RouteConfig, ...]) -> None:
+    """A rate limit needs a bucket of at least one message: ``burst`` >= 1 wherever the rate is on (not 0).
+    Where it is off, ``burst`` and ``rate_limit_action`` are ignored."""
+    if limits.max_messages_per_second and limits.burst < 1:
+        raise ConfigError("limits.burst", f"must be >= 1 when limits.max_messages_per_second is set (the most "
+                          f"messages a connection may send at once), got {limits.burst}")
+    for i, route in enumerate(routes):
+        effective = route.rate_limit(limits)
+        rate, burst = effective["max_messages_per_second"], effective["burst"]
+        if rate and burst < 1:
+            where = "" if route.burst is not None else " (from [limits])"
+            raise ConfigError(f"routes[{i}].burst", f"must be >= 1 when max_messages_per_second is set ({_num(rate)} "
+                              f"on this route; the most messages a connection may send at once), got {burst}{where}")
 
 
 def _build_hooks(raw: Any) -> tuple[HookConfig, ...]:

@@ -4,7 +4,8 @@ A plugin never sees a socket. It gets:
 
 * :class:`Session` -- one WebSocket connection: ``send_text`` / ``send_bytes`` / ``send``, ``close``, a per-connection
   ``state`` dict, ``remote`` address, ``path``, ``params`` (path parameters such as ``{channel}``), ``query`` and
-  ``headers``, and ``join`` / ``leave`` for groups;
+  ``headers``, and ``join`` / ``leave`` for groups; on an ``auth = "jwt"`` route ``user`` (the token's ``sub``) and
+  ``claims`` (None and ``{}`` elsewhere; docs/auth.md);
 * :class:`ServerAPI` -- the server: groups (``join``, ``leave``, ``members``), ``broadcast(group, message,
   exclude=...)`` which encodes the frame once for every recipient, connection lookup by id (``session.id`` is a
   string, ``"<instance>.<n>"``, unique across instances), and a logger.
@@ -51,6 +52,9 @@ class HandshakeRequest:
     headers: Headers
     remote: tuple[str, int]
     subprotocols: list[str]  # what the client offered, in its order
+    #: On an ``auth = "jwt"`` route: the verified token's ``sub`` and its claims (None elsewhere).
+    user: str | None = None
+    claims: dict[str, Any] | None = None
 
 
 class Session(Protocol):
@@ -89,6 +93,18 @@ class Session(Protocol):
     @property
     def state(self) -> dict[str, Any]:
         """Per-connection storage for the plugin (created on first use)."""
+        ...
+
+    @property
+    def user(self) -> str | None:
+        """On an ``auth = "jwt"`` route: the ``sub`` claim of the verified token (the session is in the group
+        ``user:<sub>``); None on other routes."""
+        ...
+
+    @property
+    def claims(self) -> dict[str, Any]:
+        """On an ``auth = "jwt"`` route: every claim of the verified token (``sub``, ``exp``, ``name``, ...);
+        ``{}`` on other routes."""
         ...
 
     @property

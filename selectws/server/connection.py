@@ -27,6 +27,7 @@ from __future__ import annotations
 import selectors
 import socket
 import struct
+import time
 from collections import deque
 from enum import Enum
 from itertools import islice
@@ -38,6 +39,7 @@ from selectws.protocol.events import Closed, HandshakeFailed, Message, Pong, Req
 from selectws.protocol.handshake import ServerProtocol
 from selectws.protocol.http11 import Headers, parse_query
 from selectws.server.handshake import Outcome, answer_body, answer_request
+from selectws.server.ratelimit import TokenBucket
 from selectws.server.routing import Route, Router
 from selectws.transport.loop import Timer
 
@@ -70,6 +72,8 @@ class _TimerKind(Enum):
 _T_IDLE, _T_CLOSE, _T_LINGER, _T_HOLD = _TimerKind.IDLE, _TimerKind.CLOSE, _TimerKind.LINGER, _TimerKind.HOLD
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
+_NEVER = float("inf")
+_TOKEN_EXPIRED = 3000  # close code for an expired token (IANA registry: Unauthorized)
 _HOLD_IDLE = 0.5  # seconds without input after which a held close frame goes anyway (nginx's lingering_timeout)
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets and frees the kernel's buffers
 _EMPTY_HEADERS = Headers()
@@ -89,7 +93,7 @@ class PluginSession:
     buffers and the timers stay out of reach.
     """
 
-    __slots__ = ("_conn", "_groups", "_head", "_state", "_ws", "params", "subprotocol")
+    __slots__ = ("_claims", "_conn", "_groups", "_head", "_state", "_user", "_ws", "params", "subprotocol")
 
     def __init__(
         self, conn: ServerConnection, ws: ServerProtocol, head: bytes, params: dict[str, str],
@@ -100,6 +104,8 @@ class PluginSession:
         self._head = head  # the upgrade request head; headers and query are read from it on demand
         self._state: dict[str, Any] | None = None
         self._groups: set[str] | None = None
+        self._user: str | None = None  # set on an auth = "jwt" route (the token's sub), with _claims
+        self._claims: dict[str, Any] | None = None
         self.params = params
         self.subprotocol = subprotocol
 
@@ -131,6 +137,17 @@ class PluginSession:
         if self._state is None:
             self._state = {}
         return self._state
+
+    @property
+    def user(self) -> str | None:
+        """The ``sub`` of the verified token on an ``auth = "jwt"`` route; None elsewhere."""
+        return self._user
+
+    @property
+    def claims(self) -> dict[str, Any]:
+        """The verified token's claims on an ``auth = "jwt"`` route; ``{}`` elsewhere."""
+        claims = self._claims
+        return claims if claims is not None else {}
 
     @property
     def groups(self) -> frozenset[str]:
@@ -189,10 +206,12 @@ class ServerConnection:
         "_awaiting_pong",
         "_backlog",
         "_events",
+        "_expires",
         "_linger_left",
         "_linger_until",
         "_paused",
         "_plugin_failed",
+        "_rate",
         "_timer",
         "_timer_kind",
         "_wq",
@@ -246,12 +265,16 @@ class ServerConnection:
         self.dirty = False  # on the server's flush list
         self._awaiting_pong = 0.0
         self._plugin_failed = False
+        self._rate: TokenBucket | None = None  # the route's per-connection rate limit (ratelimit.py), if it has one
         self.bytes_in = 0
         self.bytes_out = 0
         self.opened_at = server.loop.now
         self.last_seen = self.opened_at
         self._timer: Timer | None = None
         self._timer_kind = _T_IDLE
+        #: Loop time at which the token of an authenticated connection expires (exp + leeway): the idle timer is
+        #: never armed past it, and closes with 3000 when it fires. Infinity: no token, or one without exp.
+        self._expires = _NEVER
         # The lingering close (DRAINING): bytes we still read and throw away, and when a held close frame must go.
         self._linger_left = limits.linger_max_bytes
         self._linger_until = 0.0
@@ -418,12 +441,21 @@ class ServerConnection:
         counters = self.server.counters
         session = self.session
         on_message = self.route.plugin.on_message if self.route is not None else None  # hoisted: the hot path
+        # The route's rate limit (ratelimit.py), hoisted too: without one a message costs one local "is not None"
+        # more; with one, the bucket is asked once per batch (the loop's clock stands still) and counted down here.
+        rate = self._rate
+        allowed = left = rate.allowance() if rate is not None else 0
         for event in events:
             kind = type(event)
             if kind is Message:
                 counters.messages_in += 1
                 if self._plugin_failed:
                     continue
+                if rate is not None:
+                    if not left:  # over the limit
+                        self._rate_limited(rate)
+                        continue
+                    left -= 1
                 assert on_message is not None and session is not None
                 try:
                     on_message(session, event.data)
@@ -439,6 +471,8 @@ class ServerConnection:
                 self._refuse(event.status, event.reason, event.headers)
             elif kind is RequestBody:
                 self._on_body(event)
+        if rate is not None:
+            rate.spend(allowed - left)
 
     def _on_request(self, request: Request) -> None:
         server = self.server
@@ -466,9 +500,18 @@ class ServerConnection:
             return
         self.route = route
         self.phase = OPEN
+        if route.max_messages_per_second:  # a full bucket per connection; a reload changes new connections only
+            self._rate = TokenBucket(server.loop, route.max_messages_per_second, route.burst,
+                                     route.rate_limit_action == "drop")
         session = self.session = PluginSession(
             self, ws, request.head, outcome.params, outcome.response.headers.get("Sec-WebSocket-Protocol")
         )
+        identity = outcome.identity
+        if identity is not None:  # an auth = "jwt" route (server.on_open joins it to user:<sub>)
+            session._user = identity.user
+            session._claims = identity.claims
+            if identity.expires is not None:  # exp is wall-clock time; the loop counts monotonic time
+                self._expires = server.loop.now + max(0.0, identity.expires - time.time())
         server.on_open(self)
         self._reset_idle_timer()
         try:
@@ -526,6 +569,32 @@ class ServerConnection:
         self.server.counters.plugin_errors += 1
         self._plugin_failed = True
         self.close(CloseCode.INTERNAL_ERROR, "internal server error")
+
+    def _rate_limited(self, rate: TokenBucket) -> None:
+        """A message over the route's rate limit, not handed to the plugin: dropped (``rate_limit_action = "drop"``),
+        or the connection closed with 1008 at once (close frame, then TCP, as for a keepalive timeout: a client
+        flooding us is not waited for). Counted per route; logged once per connection."""
+        ws = self.ws
+        if ws.state is not _S_OPEN:  # we are closing: what still arrives is not the plugin's, nor a refusal
+            return
+        server = self.server
+        path = self.route.path if self.route is not None else self.path
+        counters = server.counters
+        counters.rate_limited[path] = counters.rate_limited.get(path, 0) + 1
+        if not rate.limited:
+            rate.limited = True
+            server.log.warning(
+                "rate limit exceeded", conn=self.id, peer=self.remote[0], path=self.path, rate=rate.rate,
+                burst=int(rate.burst), action="drop" if rate.drop else "close",
+            )
+        if rate.drop:
+            return
+        counters.rate_limit_closes[path] = counters.rate_limit_closes.get(path, 0) + 1
+        rate.stop()  # what follows in this batch is refused too
+        closed = ws.fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+        if closed is not None:
+            self._on_ws_closed(closed)
+        self._flush_later()
 
     def _on_ws_closed(self, event: Closed) -> None:
         """The WebSocket is over (handshake done, failed or transport lost): tell the plugin, log, forget."""
@@ -776,9 +845,13 @@ class ServerConnection:
     def _set_timer(self, delay: float, kind: _TimerKind) -> None:
         """One timer per connection, re-armed in place: a later deadline just moves ``when`` and the loop
         re-queues the timer when the old deadline comes, so re-arming costs no allocation and leaves no
-        cancelled garbage in the heap. The connection itself is the callback (``__call__``): no bound method."""
+        cancelled garbage in the heap. The connection itself is the callback (``__call__``): no bound method.
+        The idle timer of an authenticated connection is never armed past its token's expiry (``_expires``), so
+        the same timer closes it with 3000 then: no second timer per connection."""
         loop = self.server.loop
         when = loop.now + delay
+        if kind is _T_IDLE and when > self._expires:
+            when = self._expires
         self._timer_kind = kind
         timer = self._timer
         if timer is not None and not timer.cancelled:
@@ -818,6 +891,12 @@ class ServerConnection:
             self._refuse(408, "handshake timeout")
             return
         if self.phase is not OPEN or ws.state is not _S_OPEN:
+            return
+        if now >= self._expires:  # the token expired (exp + leeway): the client reconnects with a fresh one
+            session = self.session
+            server.log.info("token expired; closing", conn=self.id, peer=self.remote[0], path=self.path,
+                            user=session.user if session is not None else None)
+            self.close(_TOKEN_EXPIRED, "token expired")
             return
         if self._awaiting_pong:
             if self.last_seen >= self._awaiting_pong:

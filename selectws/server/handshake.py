@@ -5,8 +5,10 @@ router and an :class:`Admission` (what the server's limits and state allow right
 :class:`Outcome`: the :class:`Response` value to send (a 101, an HTTP answer for a plain route, or a refusal) and,
 for a 101, the route and its parameters. The order of the checks gives the most useful status: routing (404 /
 405), the upgrade itself (426 / 400 / 405 from RFC 6455 section 4.2.1), the origin allow-list (403), the
-per-address and global connection limits and draining (503), the plugin's own ``on_handshake`` (its status, or
-500 if it raised), the subprotocol (400 when one is required), then permessage-deflate.
+per-address and global connection limits and draining (503), on an ``auth = "jwt"`` route the token (401 without
+one, 403 when it does not verify, 429 past ``max_connections_per_user``; ``Outcome.identity`` then says who it
+is), the plugin's own ``on_handshake`` (its status, or 500 if it raised), the subprotocol (400 when one is
+required), then permessage-deflate.
 
 A request to an endpoint that reads a body (the server API, a :class:`BodyHandler`) is decided in two steps: from
 its head (an answer at once, or ``Outcome.endpoint`` and ``body_size``: read that many bytes), then
@@ -25,6 +27,7 @@ from selectws.protocol.errors import HandshakeError
 from selectws.protocol.handshake import ServerProtocol, check_upgrade_request, choose_subprotocol
 from selectws.protocol.http11 import Headers, Request, Response, make_response
 from selectws.server.api import Accept, HandshakeRequest, Reject
+from selectws.server.auth import Identity, JwtVerifier, TokenRejected, token_from_request
 from selectws.server.proxy import client_address
 from selectws.server.routing import BodyHandler, HttpResult, Route, Router
 
@@ -46,6 +49,9 @@ class Admission:
     draining: bool = False
     deflate: DeflateSettings | None = None  # None: permessage-deflate is off
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    jwt: JwtVerifier | None = None  # for routes with auth = "jwt" (None: such a route answers 500)
+    per_user: Mapping[str, int] = field(default_factory=dict)  # open authenticated connections by user (sub)
+    max_per_user: int = 0  # 0: no limit
 
 
 @dataclass(slots=True)
@@ -63,6 +69,8 @@ class Outcome:
     # queues itself when the client asked for it).
     endpoint: BodyHandler | None = None
     body_size: int = 0
+    #: Who the client is, for a 101 on an ``auth = "jwt"`` route (None elsewhere).
+    identity: Identity | None = None
 
 
 def answer_request(
@@ -103,11 +111,20 @@ def answer_request(
             raise HandshakeError(503, "server is shutting down")
     except HandshakeError as exc:
         return _refuse(ws, remote, exc.status, exc.reason, exc.headers)
+    identity = None
+    if route.auth != "none":  # after the limits that cost nothing: a signature check costs a little
+        refused = _authenticate(ws, request, remote, admission)
+        if not isinstance(refused, Identity):
+            return refused
+        identity = refused
     offered = [t.strip() for v in request.headers.get_all("Sec-WebSocket-Protocol") for t in v.split(",")]
     plugin = route.plugin
     try:
-        decision = plugin.on_handshake(HandshakeRequest(request.path, params, request.query, request.headers,
-                                                        remote, offered))
+        decision = plugin.on_handshake(HandshakeRequest(
+            request.path, params, request.query, request.headers, remote, offered,
+            user=identity.user if identity is not None else None,
+            claims=identity.claims if identity is not None else None,
+        ))
     except Reject as exc:
         return _refuse(ws, remote, exc.status, exc.reason, exc.headers)
     except Exception as exc:
@@ -124,7 +141,32 @@ def answer_request(
     response = ws.accept(request, subprotocol=subprotocol, deflate=deflate, headers=decision.headers)
     if response.status != 101:  # an extension offer that cannot be accepted as written
         return Outcome(response, remote, response.body.decode("utf-8", "replace").strip().partition(" ")[2])
-    return Outcome(response, remote, route=route, params=params)
+    return Outcome(response, remote, route=route, params=params, identity=identity)
+
+
+_BEARER = [("WWW-Authenticate", "Bearer")]
+
+
+def _authenticate(ws: ServerProtocol, request: Request, remote: tuple[str, int],
+                  admission: Admission) -> Identity | Outcome:
+    """An ``auth = "jwt"`` route: the client's :class:`Identity`, or the refusal. No token: 401 with
+    ``WWW-Authenticate: Bearer``; a token that does not verify: 403; a user at ``max_per_user``: 429. The body
+    says only that much; ``Outcome.reason`` (the log line) says why."""
+    verifier = admission.jwt
+    if verifier is None:  # the configuration checks prevent it; a Server built by hand may not
+        return _refuse(ws, remote, 500, "jwt authentication is not configured")
+    token = token_from_request(request)
+    if token is None:
+        return Outcome(ws.reject(401, "authentication required", _BEARER), remote, "no token")
+    try:
+        identity = verifier.verify(token)
+    except TokenRejected as exc:
+        return Outcome(ws.reject(403, "invalid token"), remote, f"invalid token: {exc.reason}")
+    limit = admission.max_per_user
+    if limit and admission.per_user.get(identity.user, 0) >= limit:
+        return Outcome(ws.reject(429, "too many connections for this user"), remote,
+                       f"user {identity.user[:100]!r} has {limit} connections (max_connections_per_user)")
+    return identity
 
 
 def _prepare_body(ws: ServerProtocol, request: Request, remote: tuple[str, int], endpoint: BodyHandler) -> Outcome:

@@ -243,9 +243,9 @@ class ServerApi:
         return {"delivered_local": delivered, "groups": len(names)}
 
     def _disconnect(self, params: dict[str, Any]) -> dict[str, Any]:
-        self._only(params, ("session", "group", "code", "reason"))
-        if ("session" in params) == ("group" in params):
-            raise _bad("session", "give 'session' (an id) or 'group', one of them")
+        self._only(params, ("session", "group", "user", "code", "reason"))
+        if sum(name in params for name in ("session", "group", "user")) != 1:
+            raise _bad("session", "give 'session' (an id), 'group' or 'user', one of them")
         code = params.get("code", 1000)
         if isinstance(code, bool) or not isinstance(code, int) or not is_valid_close_code(code):
             raise _bad("code", f"must be a close code that may be sent (1000, 1001, 1008, 1011-1014, 3000-4999), "
@@ -263,6 +263,9 @@ class ServerApi:
             assert session_id is not None
             found = self.server.get(session_id)
             targets = [found] if found is not None else []
+        elif "user" in params:  # every connection authenticated as this user (its group user:<sub>), here
+            user = self._string(params, "user")
+            targets = [s for s in self.server.members(f"user:{user}") if s.user == user]
         else:
             group = self._string(params, "group")
             assert group is not None

@@ -108,6 +108,12 @@ def render_metrics(stats: ServerStats) -> str:
               stats.slow_consumers_dropped)
     w.family(f"{p}connections_closed_total", "counter", "WebSocket connections closed, by close code.",
              [((("code", str(code)),), n) for code, n in sorted(stats.close_codes.items())])
+    w.family(f"{p}rate_limited_total", "counter", "Messages refused by the route's per-connection rate limit "
+             "(dropped, or the one that closed the connection with 1008), by route.",
+             [((("route", path),), n) for path, n in stats.rate_limited.items()])
+    w.family(f"{p}rate_limit_closes_total", "counter", "Connections closed with 1008 for going over the route's "
+             "rate limit (rate_limit_action = \"close\"), by route.",
+             [((("route", path),), n) for path, n in stats.rate_limit_closes.items()])
     w.counter(f"{p}received_bytes_total", "Bytes read from client sockets.", stats.bytes_in)
     w.counter(f"{p}sent_bytes_total", "Bytes written to client sockets.", stats.bytes_out)
 

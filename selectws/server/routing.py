@@ -57,6 +57,13 @@ class Route:
     #: Refuse clients offering none of the subprotocols (400); ``None``: the plugin's ``subprotocol_required``.
     subprotocol_required: bool | None = None
     pattern: re.Pattern[str] | None = field(default=None)
+    #: Messages per second each connection may send on average, and how many at once (a token bucket,
+    #: selectws/server/ratelimit.py); 0: no limit. Over it: close with 1008, or drop the message (``"drop"``).
+    max_messages_per_second: float = 0.0
+    burst: int = 0
+    rate_limit_action: str = "close"
+    #: ``"none"``, or ``"jwt"``: the handshake needs a verified token (selectws/server/auth.py, docs/auth.md).
+    auth: str = "none"
 
     def __post_init__(self) -> None:
         self.pattern = compile_path(self.path)

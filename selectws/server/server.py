@@ -27,6 +27,7 @@ from selectws.protocol.events import Closed
 from selectws.protocol.http11 import HttpLimits, build_response
 from selectws.server.accept import OUT_OF_RESOURCES, AcceptGuard, ReserveRouter
 from selectws.server.api import Plugin, Session
+from selectws.server.auth import JwtVerifier
 from selectws.server.broker import Broker, BrokerFactory, Deliver, MemoryBroker
 from selectws.server.connection import ServerConnection
 from selectws.server.handshake import Admission
@@ -130,6 +131,7 @@ class Server:
         reload: Callable[[], Config] | None = None,
         hooks: HookLoader | None = None,
         api_key: Callable[[Config], str | None] | None = None,
+        jwt: Callable[[Config], JwtVerifier | None] | None = None,
     ) -> None:
         """``plugins`` finds a plugin class by its configured name; ``broker`` builds the broker (default: in
         memory); ``reload`` re-reads the configuration on SIGHUP (None: nothing to reload); ``hooks`` reads the
@@ -145,6 +147,12 @@ class Server:
         # secrets reader; a ConfigError naming the key if it cannot); None, or no key configured: the API is off.
         self._api_key_reader = api_key
         self.api: ServerApi | None = None
+        # auth = "jwt" routes: ``jwt(config)`` builds the verifier from [auth] (the application reads the secret or
+        # the public key, and knows whether PyJWT is installed); None: such routes answer 500.
+        self._jwt_loader = jwt
+        self.jwt: JwtVerifier | None = None
+        self.per_user: dict[str, int] = {}  # open authenticated connections by user (max_connections_per_user)
+        self._user_of: dict[int, str] = {}  # connection id -> the user it is counted under in per_user
         #: Random per process: session ids are ``<instance_id>.<n>``, unique across the instances of a cluster.
         self.instance_id = secrets.token_hex(6)
         self.hooks: Hooks | None = None  # webhooks (selectws/server/hooks.py); None when none are configured
@@ -232,7 +240,16 @@ class Server:
             timers=self.loop.timer_count,
             broker=self.broker.stats(),
             hooks=self.hooks.stats() if self.hooks else (),
+            **self._rate_limit_stats(),
         )
+
+    def _rate_limit_stats(self) -> dict[str, dict[str, int]]:
+        """The rate-limit counters by route, with a 0 for every route that has a limit (a series exists at once)."""
+        c = self.counters
+        routes = [route for route in self.router.routes if route.max_messages_per_second]
+        limited = {route.path: 0 for route in routes}
+        closing = {route.path: 0 for route in routes if route.rate_limit_action == "close"}
+        return {"rate_limited": {**limited, **c.rate_limited}, "rate_limit_closes": {**closing, **c.rate_limit_closes}}
 
     # ------------------------------------------------------------------ configuration
     def apply_config(self, config: Config) -> None:
@@ -244,13 +261,15 @@ class Server:
         # Webhook secrets and addresses, before anything changes too; DNS only at start (before the loop runs).
         hook_targets = self._hook_loader(config, not hasattr(self, "router")) if self._hook_loader else ()
         api_key = self._api_key_reader(config) if self._api_key_reader is not None else None  # before changes too
+        jwt = self._jwt_loader(config) if self._jwt_loader is not None else None  # the [auth] key, likewise
         routes = []
         for rc in config.routes:
             plugin_cls = self.find_plugin(rc.plugin)
             plugin: Plugin = plugin_cls(self, rc.options)
             compression = config.compression.enabled if rc.compression is None else rc.compression
             routes.append(Route(rc.path, plugin, rc.plugin, tuple(rc.subprotocols), compression,
-                                frozenset(rc.origins), rc.subprotocol_required))
+                                frozenset(rc.origins), rc.subprotocol_required, **rc.rate_limit(config.limits),
+                                auth=rc.auth))
         self.config = config
         self.log = get_logger("selectws.server").bind()  # picks up a reconfigured level or format
         if tls_context is not self.tls_context and tls_context is not None:
@@ -269,6 +288,8 @@ class Server:
         self.slow_consumer_close_code = limits.slow_consumer_close_code
         self.max_connections = limits.max_connections
         self.max_connections_per_ip = limits.max_connections_per_ip
+        self.max_connections_per_user = limits.max_connections_per_user
+        self.jwt = jwt
         self.max_pending_handshakes = limits.max_pending_handshakes
         self.trusted_proxies = parse_networks(config.server.trusted_proxies)
         previous = getattr(self, "router", None)
@@ -471,7 +492,8 @@ class Server:
         return Admission(
             open_count=len(self.sessions), max_connections=self.max_connections, per_ip=self.per_ip,
             max_per_ip=self.max_connections_per_ip, draining=self.draining, deflate=self.deflate_settings,
-            trusted_proxies=self.trusted_proxies,
+            trusted_proxies=self.trusted_proxies, jwt=self.jwt, per_user=self.per_user,
+            max_per_user=self.max_connections_per_user,
         )
 
     def _uncount_ip(self, conn: ServerConnection) -> None:
@@ -482,6 +504,15 @@ class Server:
                 self.per_ip[ip] = left
             else:
                 del self.per_ip[ip]
+
+    def _uncount_user(self, conn: ServerConnection) -> None:
+        user = self._user_of.pop(conn.id, None)
+        if user is not None:
+            left = self.per_user[user] - 1
+            if left:
+                self.per_user[user] = left
+            else:
+                del self.per_user[user]
 
     def on_open(self, conn: ServerConnection) -> None:
         """``conn`` completed its opening handshake."""
@@ -497,12 +528,18 @@ class Server:
         )
         if self.hooks:
             self.hooks.open(conn)
+        user = session.user if session is not None else None
+        if user is not None and session is not None:  # auth = "jwt": counted, and in the group of the user
+            self._user_of[conn.id] = user
+            self.per_user[user] = self.per_user.get(user, 0) + 1
+            self.join(session, f"user:{user}")
 
     def on_closed(self, conn: ServerConnection, event: Closed) -> None:
         """The WebSocket of ``conn`` ended (its socket may still be draining)."""
         if self.sessions.pop(conn.id, None) is None:
             return
         self._uncount_ip(conn)
+        self._uncount_user(conn)
         session = conn.session
         if session is not None:
             for group in list(session.groups):
@@ -521,6 +558,7 @@ class Server:
         """The socket of ``conn`` is closed: forget it."""
         self.handshaking.pop(conn.id, None)
         self._uncount_ip(conn)  # normally done by on_closed already; never leaks either way
+        self._uncount_user(conn)
         if self.connections.pop(conn.id, None) is not None:
             self.counters.closed_bytes_in += conn.bytes_in
             self.counters.closed_bytes_out += conn.bytes_out

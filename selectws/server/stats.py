@@ -7,7 +7,7 @@ nothing of the server's internals.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["BrokerStats", "Counters", "HookStats", "ServerStats"]
 
@@ -26,6 +26,8 @@ class Counters:
         "messages_in",
         "messages_out",
         "plugin_errors",
+        "rate_limit_closes",
+        "rate_limited",
         "rejected",
         "slow_consumers_dropped",
     )
@@ -43,6 +45,8 @@ class Counters:
         self.close_codes: dict[int, int] = {}
         self.closed_bytes_in = 0
         self.closed_bytes_out = 0
+        self.rate_limited: dict[str, int] = {}  # route path -> messages refused by its rate limit
+        self.rate_limit_closes: dict[str, int] = {}  # route path -> connections closed (1008) for going over it
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +109,10 @@ class ServerStats:
     accept_reserve: int = 0
     accept_reserve_used: int = 0
     hooks: tuple[HookStats, ...] = ()  # one per [[hooks]] receiver
+    # Per-connection rate limits, by route path (every route with a limit, 0 until it refuses something): messages
+    # refused (dropped, or the one that closed the connection), and connections closed with 1008 for it.
+    rate_limited: dict[str, int] = field(default_factory=dict)
+    rate_limit_closes: dict[str, int] = field(default_factory=dict)
 
     @property
     def connections_open(self) -> int:

@@ -12,6 +12,9 @@
   const BACKOFF_BASE_MS = 1000; // first retry after 0.5-1 s, then 1-2 s, 2-4 s, ...
   const BACKOFF_MAX_MS = 30000; // ... never more than 30 s apart
   const CHAT_PATH = "/chat";
+  // On a route with auth = "jwt" (docs/auth.md): open this page as /?token=<jwt>; the token goes on the WebSocket
+  // URL, and the server takes our name from it (login then sends only the room).
+  const TOKEN = new URLSearchParams(window.location.search).get("token");
 
   const $ = (id) => document.getElementById(id);
   const ui = {
@@ -47,7 +50,7 @@
   function chatUrl() {
     const url = new URL(CHAT_PATH, window.location.href);
     url.protocol = window.location.protocol === "https:" ? "wss:" : "ws:";
-    url.search = "";
+    url.search = TOKEN ? `?token=${encodeURIComponent(TOKEN)}` : "";
     url.hash = "";
     return url.href;
   }
@@ -79,7 +82,8 @@
     sock.onopen = () => {
       if (ws !== sock) return;
       setStatus("connecting", "logging in…");
-      sock.send(JSON.stringify({ type: "login", name: wanted.name, room: wanted.room }));
+      const login = TOKEN ? { type: "login", room: wanted.room } : { type: "login", name: wanted.name, room: wanted.room };
+      sock.send(JSON.stringify(login));
     };
     sock.onmessage = (event) => {
       if (ws !== sock) return;
@@ -267,7 +271,7 @@
 
   // The address bar says who we are, so a reload joins the same room again.
   function remember(name, room) {
-    const params = new URLSearchParams({ name, room });
+    const params = new URLSearchParams(TOKEN ? { room, token: TOKEN } : { name, room });
     window.history.replaceState(null, "", `${window.location.pathname}?${params}`);
   }
 
@@ -287,7 +291,7 @@
     event.preventDefault();
     const name = ui.name.value.trim();
     const room = ui.room.value.trim() || "lobby";
-    if (!name) {
+    if (!name && !TOKEN) {
       showLogin("pick a name");
       return;
     }
@@ -310,7 +314,8 @@
     if (sock) sock.close(1000, "left");
     setInputEnabled(false);
     setStatus("offline", "offline");
-    window.history.replaceState(null, "", window.location.pathname);
+    window.history.replaceState(null, "", TOKEN ? `${window.location.pathname}?token=${encodeURIComponent(TOKEN)}`
+      : window.location.pathname);
     showLogin(null);
   });
 
@@ -326,7 +331,14 @@
   const name = (params.get("name") || "").trim();
   const room = (params.get("room") || "").trim();
   if (room) ui.room.value = room;
-  if (name) {
+  if (TOKEN) {
+    ui.name.required = false;
+    ui.name.disabled = true;
+    ui.name.placeholder = "from your token";
+  }
+  if (TOKEN && room) {
+    join("", room);
+  } else if (name) {
     ui.name.value = name;
     join(name, room || "lobby");
   } else {

@@ -182,6 +182,18 @@ def connect(url: str, headers: list[tuple[str, str]], subprotocols: tuple[str, .
     sys.exit(run_client(options))
 
 
+def _cli_secret(command: str, path: str | None, env: str | None, file_option: str, env_option: str) -> str:
+    """A secret for a CLI command, from the file ``path`` or else the environment variable ``env``; exit status 2
+    with one line naming the option when it cannot be read."""
+    try:
+        if path:
+            return read_secret(file_option, path=path)
+        return read_secret(env_option, env=env or "")
+    except ConfigError as exc:
+        click.echo(f"selectws {command}: {exc}", err=True)
+        sys.exit(2)
+
+
 @main.command()
 @click.argument("group")
 @click.argument("message", required=False, default="-")
@@ -207,14 +219,7 @@ def publish(group: str, message: str, url: str, key_file: str | None, key_env: s
     """
     if key_file and key_env:
         raise click.UsageError("give --key-file or --key-env, not both")
-    try:
-        if key_file:
-            key = read_secret("--key-file", path=key_file)
-        else:
-            key = read_secret("--key-env", env=key_env or "SELECTWS_API_KEY")
-    except ConfigError as exc:
-        click.echo(f"selectws publish: {exc}", err=True)
-        sys.exit(2)
+    key = _cli_secret("publish", key_file, key_env or "SELECTWS_API_KEY", "--key-file", "--key-env")
     lines = (line.rstrip("\r\n") for line in sys.stdin) if message == "-" else iter([message])
     for line in lines:
         params: dict[str, Any] = {"group": group, "data_b64" if binary else "data": line}
@@ -255,14 +260,7 @@ def gentoken(sub: str, name: str | None, ttl: int, secret_file: str | None, secr
     except ImportError:
         click.echo(f"selectws gentoken: PyJWT is not installed: {INSTALL_HINT}", err=True)
         sys.exit(2)
-    try:
-        if secret_file:
-            key = read_secret("--secret-file", path=secret_file)
-        else:
-            key = read_secret("--secret-env", env=secret_env or "")
-    except ConfigError as exc:
-        click.echo(f"selectws gentoken: {exc}", err=True)
-        sys.exit(2)
+    key = _cli_secret("gentoken", secret_file, secret_env, "--secret-file", "--secret-env")
     now = int(time.time())
     claims: dict[str, Any] = {"sub": sub, "iat": now}
     if ttl:

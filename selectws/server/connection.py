@@ -737,12 +737,14 @@ class ServerConnection:
             if sock is not None:
                 try:
                     wq = self._wq
-                    pieces = list(islice(wq, _IOV)) if wq is not None else []
-                    pieces.append(frame)
-                    want = sum(map(len, pieces))
-                    sent = self._send_pieces(pieces)
-                    self.bytes_out += sent
-                    delivered = sent == want and (wq is None or len(wq) < _IOV)
+                    # The close frame may only follow the whole queue (pieces are headers and payloads, the
+                    # first maybe a partly sent one): behind a queue longer than one gathered write, no attempt.
+                    if wq is None or len(wq) < _IOV:
+                        pieces = [*(wq or ()), frame]
+                        want = sum(map(len, pieces))
+                        sent = self._send_pieces(pieces)
+                        self.bytes_out += sent
+                        delivered = sent == want
                 except OSError:
                     pass
         if sock is not None and not delivered:

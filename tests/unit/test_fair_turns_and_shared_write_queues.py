@@ -159,3 +159,59 @@ def test_a_million_one_byte_fragments_do_not_cost_a_list_of_a_million() -> None:
     # tuple and a mask key per frame): a list of n pieces alone would add 8 bytes a fragment (8 n, and more
     # while it grows).
     assert peak < 2 * n + 3 * read + FRAMES_PER_TURN * 256, peak
+
+
+def test_a_slow_consumer_dropped_behind_a_long_queue_gets_a_well_formed_stream() -> None:
+    """The close frame of a dropped slow consumer may only follow the whole queue: never a piece in the middle
+    (the queue holds headers and payloads as separate pieces, and the first may be a partly sent payload)."""
+    limit = 1 << 20
+    settings = {
+        "routes": [{"path": "/echo", "plugin": "echo"}],
+        "limits": {"write_buffer_high": limit, "write_buffer_limit": limit},  # reads never pause: the cap trips
+    }
+    size = 3000  # each echo: a small header piece and a 3000-byte payload piece
+    with in_process_server(settings) as h:
+        client = sleeper(h, "/echo")
+        message = bytes((0x82, 0x80 | 126)) + size.to_bytes(2, "big") + bytes(4) + bytes(range(256)) * 11 + bytes(184)
+        assert len(message) == 8 + size
+        for _ in range(3000):  # up to 9 MB of echoes for a client that reads nothing: the kernel takes a few MB,
+            # then the queue passes the 1 MiB cap
+            if h.stats().slow_consumers_dropped:
+                break
+            client.setblocking(True)
+            client.sendall(message)
+            client.setblocking(False)
+            h.step(1)
+        h.run_until(lambda: h.stats().slow_consumers_dropped == 1)
+        h.step(5)
+        data = bytearray()
+        client.setblocking(True)
+        client.settimeout(2.0)
+        while True:
+            try:
+                chunk = client.recv(1 << 20)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not chunk:
+                break
+            data += chunk
+    # Parse: whole echo frames, then at most one close frame (1013), then nothing; a cut-off tail is allowed
+    # (the socket may have been reset), a frame that is not an echo or a close in the middle of the stream is not.
+    pos, closes = 0, 0
+    while len(data) - pos >= 4:
+        b0, b1 = data[pos], data[pos + 1]
+        if b0 == 0x88:
+            n = b1 & 0x7F
+            assert data[pos + 2 : pos + 4] == (1013).to_bytes(2, "big"), bytes(data[pos : pos + 8])
+            closes += 1
+            pos += 2 + n
+            assert pos >= len(data) or len(data) - pos == 0, "bytes after the close frame"
+            break
+        assert b0 == 0x82 and b1 == 126 and int.from_bytes(data[pos + 2 : pos + 4], "big") == size, (
+            f"not a frame boundary at {pos}: {bytes(data[pos : pos + 8])!r}"
+        )
+        if len(data) - pos < 4 + size:
+            break  # cut off by the reset
+        assert data[pos + 4 : pos + 4 + size] == message[8:], f"payload of the frame at {pos} altered"
+        pos += 4 + size
+    assert closes <= 1

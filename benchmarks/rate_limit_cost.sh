@@ -84,8 +84,8 @@ for point in ("c100-w64", "c100-w1"):
             print(f"| {point} | {v} | 0 | - | - | - | - | - |")
             continue
         med[point, v] = statistics.median(ok)
-        cpu = statistics.median(r.get("server_cpu_pct", 0) for r in rs)
-        ccpu = statistics.median(r.get("client_cpu_pct", 0) for r in rs)
+        cpu = round(statistics.median(r.get("server_cpu_pct", 0) for r in rs), 1)
+        ccpu = round(statistics.median(r.get("client_cpu_pct", 0) for r in rs), 1)
         other = [r.get("other_on_server_cpu_pct", 0) for r in rs]  # other processes stealing the server's CPU
         print(f"| {point} | {v} | {len(ok)} | {med[point, v]:,.0f} | {min(ok):,.0f} - {max(ok):,.0f} | {cpu} | {ccpu} "
               f"| {min(other)} - {max(other)} |")

@@ -8,9 +8,11 @@ for a missing or malformed ``Content-Length``, 413 past ``[limits] max_message_s
 read by the connection without blocking and within the handshake timeout. Answers are JSON: ``{"result": {...}}``
 (200) or ``{"error": {"code": ..., "message": ..., "field": ...}}``.
 
-Methods: ``publish`` and ``broadcast`` go through ``Server.broadcast``, so through the broker to every instance;
-``disconnect`` and ``presence`` see this instance only; ``info`` describes this instance; ``history`` is not
-there yet (501).
+Methods: ``publish`` and ``broadcast`` go through ``Server.broadcast``, so through the broker to every instance (and
+into a group's history when its route keeps one); ``presence`` lists a group's members on every instance
+(docs/presence.md); ``history`` reads a group's history (docs/history.md); ``disconnect`` sees this instance only;
+``info`` describes this instance. ``presence`` of a group this instance has no member in, and ``history`` with the
+Redis broker, wait for the broker (a second at most): the answer is sent when it comes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from selectws import __version__
 from selectws.protocol.errors import is_valid_close_code
 from selectws.protocol.http11 import Request
 from selectws.server.api import Session
-from selectws.server.routing import HttpResult
+from selectws.server.history import HistoryPolicy, HistoryResult
+from selectws.server.presence import Member
+from selectws.server.routing import HttpResult, Pending
 from selectws.server.stats import ServerStats
 
 __all__ = ["API_PREFIX", "MAX_GROUPS", "ApiError", "ApiServer", "ServerApi"]
@@ -50,6 +54,19 @@ class ApiServer(Protocol):
     def members(self, group: str) -> list[Session]: ...
 
     def stats(self) -> ServerStats: ...
+
+    def presence(self, group: str) -> list[Member]: ...
+
+    def follows(self, group: str) -> bool:
+        """Whether this instance has members in ``group`` (its presence view of it is then exact)."""
+        ...
+
+    def presence_query(self, group: str, callback: Callable[[list[Member]], None]) -> None: ...
+
+    def history_policy(self, group: str) -> HistoryPolicy | None: ...
+
+    def history(self, group: str, since: int | None, limit: int, callback: Callable[[HistoryResult], None]) -> None:
+        ...
 
 
 class ApiError(Exception):
@@ -87,7 +104,7 @@ class ServerApi:
         self._key = key.encode("utf-8")
         self.max_body = max_body
         self.log = log
-        self.methods: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+        self.methods: dict[str, Callable[[dict[str, Any]], dict[str, Any] | Pending]] = {
             "publish": self._publish,
             "broadcast": self._broadcast,
             "disconnect": self._disconnect,
@@ -111,7 +128,7 @@ class ServerApi:
         except ApiError as exc:
             return exc.result()
 
-    def handle(self, request: Request, body: bytes) -> HttpResult:
+    def handle(self, request: Request, body: bytes) -> HttpResult | Pending:
         """With the body: run the method."""
         name = request.path[len(API_PREFIX):]
         try:
@@ -119,7 +136,9 @@ class ServerApi:
             result = self.methods[name](params)
         except ApiError as exc:
             return exc.result()
-        return 200, list(_HEADERS), _dump({"result": result})
+        if isinstance(result, Pending):
+            return result
+        return _ok(result)
 
     # ------------------------------------------------------------------ the head
     def _authenticate(self, request: Request) -> None:
@@ -278,15 +297,33 @@ class ServerApi:
         self._debug("api disconnect", disconnected=closed, code=code)
         return {"disconnected": closed, "scope": "local"}
 
-    def _presence(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _presence(self, params: dict[str, Any]) -> dict[str, Any] | Pending:
+        """Every instance's members: this one's (with their path and address), then the others' (session, instance,
+        user, info). A group this instance follows is answered from its view at once; another one after asking the
+        instances that follow it (the broker; at most a second)."""
         self._only(params, ("group",))
         group = self._string(params, "group")
         assert group is not None
-        members = [
-            {"session": s.id, "path": s.path, "remote": _address(s.remote)} for s in self.server.members(group)
-        ]
-        return {"group": group, "scope": "local", "instance": self.server.instance_id, "count": len(members),
-                "members": members}
+        server = self.server
+        local = {s.id: s for s in server.members(group)}
+
+        def answer(members: list[Member]) -> dict[str, Any]:
+            out = []
+            for m in members:
+                item = m.as_dict()
+                session = local.get(m.session)
+                if session is not None:
+                    item["path"] = session.path
+                    item["remote"] = _address(session.remote)
+                out.append(item)
+            return {"group": group, "scope": "cluster", "instance": server.instance_id, "count": len(out),
+                    "members": out}
+
+        if server.follows(group):
+            return answer(server.presence(group))
+        pending = Pending()
+        server.presence_query(group, lambda others: pending.resolve(_ok(answer(server.presence(group) + others))))
+        return pending
 
     def _info(self, params: dict[str, Any]) -> dict[str, Any]:
         self._only(params, ())
@@ -303,12 +340,69 @@ class ServerApi:
             "broker": {"kind": stats.broker.kind, "up": stats.broker.up},
         }
 
-    def _history(self, params: dict[str, Any]) -> dict[str, Any]:
-        raise ApiError(501, "not_implemented", "history is not enabled: this version keeps no message history")
+    def _history(self, params: dict[str, Any]) -> Pending:
+        """``{"group", "since"?, "limit"?}``: the group's epoch, its latest offset, and up to ``limit`` messages above
+        ``since`` (oldest first; without ``since``, from the oldest kept). ``since`` is an offset, or
+        ``{"epoch", "offset"}``: then a different epoch gives no messages. ``complete`` says whether the messages
+        are every one above ``since`` (false: the epoch differs, some were trimmed, or ``limit`` cut the list --
+        ask again from the last offset)."""
+        self._only(params, ("group", "since", "limit"))
+        group = self._string(params, "group")
+        assert group is not None
+        policy = self.server.history_policy(group)
+        if policy is None:
+            raise ApiError(404, "no_history", f"no route keeps history for group {group!r} (set history_size on the "
+                                              "route that owns it)", "group")
+        since, epoch = self._since(params.get("since"))
+        limit = params.get("limit", policy.size)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= policy.size:
+            raise _bad("limit", f"must be an integer from 1 to {policy.size} (the route's history_size)")
+        pending = Pending()
+
+        def done(result: HistoryResult) -> None:
+            if result.error is not None:
+                pending.resolve(ApiError(503, "broker_unavailable", f"history cannot be read: {result.error}",
+                                         None, [("Retry-After", "1")]).result())
+                return
+            same = epoch is None or epoch == result.epoch
+            messages = result.messages if same else []
+            out = []
+            for offset, message in messages:
+                item: dict[str, Any] = {"offset": offset}
+                if isinstance(message, str):
+                    item["data"] = message
+                else:
+                    item["data_b64"] = base64.b64encode(message).decode("ascii")
+                out.append(item)
+            start = since if since is not None else (messages[0][0] - 1 if messages else result.offset)
+            complete = same and HistoryResult(result.epoch, result.offset, messages).complete_since(start)
+            pending.resolve(_ok({"group": group, "epoch": result.epoch, "offset": result.offset, "messages": out,
+                                 "complete": complete}))
+
+        self.server.history(group, since if since is not None else 0, limit, done)
+        return pending
+
+    @staticmethod
+    def _since(value: Any) -> tuple[int | None, str | None]:
+        if value is None:
+            return None, None
+        if isinstance(value, dict):
+            if set(value) != {"epoch", "offset"} or not isinstance(value["epoch"], str):
+                raise _bad("since", 'must be an offset, or {"epoch": "...", "offset": N}')
+            epoch, value = value["epoch"], value["offset"]
+        else:
+            epoch = None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _bad("since", "the offset must be an integer >= 0")
+        return value, epoch
 
     def _debug(self, event: str, **fields: Any) -> None:
         if self.log is not None:
             self.log.debug(event, **fields)
+
+
+def _ok(result: dict[str, Any]) -> HttpResult:
+    return 200, list(_HEADERS), _dump({"result": result})
 
 
 def _kind(value: object) -> str:

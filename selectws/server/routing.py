@@ -10,7 +10,7 @@ from typing import Protocol
 from selectws.protocol.http11 import Request
 from selectws.server.api import Plugin
 
-__all__ = ["BodyHandler", "HttpHandler", "HttpResult", "Route", "Router", "compile_path"]
+__all__ = ["BodyHandler", "HttpHandler", "HttpResult", "Pending", "Route", "Router", "compile_path"]
 
 _NO_PARAMS: dict[str, str] = {}  # shared by every connection on a literal route; treat as read-only
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -18,6 +18,35 @@ _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 #: An HTTP handler answers a request with (status, headers, body).
 HttpResult = tuple[int, list[tuple[str, str]], bytes]
 HttpHandler = Callable[[Request], HttpResult]
+
+
+class Pending:
+    """An HTTP answer that comes later (the server API waiting for the broker): the handler returns it, and calls
+    :meth:`resolve` once, maybe before the connection asked with :meth:`then`."""
+
+    __slots__ = ("_callback", "_result")
+
+    def __init__(self) -> None:
+        self._result: HttpResult | None = None
+        self._callback: Callable[[HttpResult], None] | None = None
+
+    def resolve(self, result: HttpResult) -> None:
+        if self._result is not None:
+            return
+        self._result = result
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback(result)
+
+    def then(self, callback: Callable[[HttpResult], None]) -> None:
+        if self._result is not None:
+            callback(self._result)
+        else:
+            self._callback = callback
+
+    def cancel(self) -> None:
+        """The connection went away: nobody wants the answer any more."""
+        self._callback = None
 
 
 class BodyHandler(Protocol):
@@ -29,7 +58,7 @@ class BodyHandler(Protocol):
 
     def prepare(self, request: Request) -> HttpResult | int: ...
 
-    def handle(self, request: Request, body: bytes) -> HttpResult: ...
+    def handle(self, request: Request, body: bytes) -> HttpResult | Pending: ...
 
 
 def compile_path(path: str) -> re.Pattern[str] | None:

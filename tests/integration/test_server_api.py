@@ -213,9 +213,9 @@ def test_keys_methods_sizes_and_bodies_get_their_answers(start_daemon):
         assert status == 400 and error_of(answer)["field"] == field, (params, answer)
     assert api(port, "presence", {})[2]["error"]["field"] == "group"
 
-    # history is not there yet: 501, saying so
+    # no route keeps history for this group: 404, saying so
     status, _, answer = api(port, "history", {"group": "g"})
-    assert status == 501 and error_of(answer)["code"] == "not_implemented"
+    assert status == 404 and error_of(answer)["code"] == "no_history"
     # the daemon logged the refusals as warnings and kept serving
     assert daemon.logs(event="handshake refused", status=401)
     assert api(port, "info")[0] == 200
@@ -319,7 +319,7 @@ def test_presence_and_info(start_daemon):
         ids = [m["session"] for m in found]
         assert len(set(ids)) == 2 and all(i.startswith(instance + ".") for i in ids)
         status, _, answer = api(port, "presence", {"group": "broadcast:p"})
-        assert answer["result"]["count"] == 2 and answer["result"]["scope"] == "local"
+        assert answer["result"]["count"] == 2 and answer["result"]["scope"] == "cluster"
         assert api(port, "presence", {"group": "broadcast:none"})[2]["result"]["members"] == []
         e.send("ping")
         assert e.recv(timeout=5) == "ping"

@@ -18,8 +18,10 @@ from selectws.protocol.events import RequestBody
 from selectws.protocol.handshake import ServerProtocol
 from selectws.protocol.http11 import Headers, Request
 from selectws.server.handshake import Admission, answer_body, answer_request
+from selectws.server.history import HistoryPolicy, HistoryResult, MemoryHistory
 from selectws.server.http_api import API_PREFIX, ServerApi
-from selectws.server.routing import Router
+from selectws.server.presence import Member
+from selectws.server.routing import Pending, Router
 from selectws.server.stats import BrokerStats, ServerStats
 
 KEY = "the-key"
@@ -43,10 +45,33 @@ class FakeServer:
     instance_id: str = "0123456789ab"
     groups: dict[str, list[FakeSession]] = field(default_factory=dict)
     published: list[tuple[str, str | bytes]] = field(default_factory=list)
+    remote: dict[str, list[Member]] = field(default_factory=dict)  # what the other instances have
+    store: MemoryHistory = field(default_factory=lambda: MemoryHistory(lambda: 0.0))
 
     def broadcast(self, group: str, message: str | bytes) -> int:
         self.published.append((group, message))
+        policy = self.history_policy(group)
+        if policy is not None:
+            self.store.append(group, policy, message)
         return len(self.groups.get(group, []))
+
+    def presence(self, group: str) -> list[Member]:
+        local = [Member(s.id, self.instance_id) for s in self.groups.get(group, [])]
+        return local + (self.remote.get(group, []) if self.follows(group) else [])
+
+    def follows(self, group: str) -> bool:
+        return group in self.groups
+
+    def presence_query(self, group: str, callback: Any) -> None:
+        callback(self.remote.get(group, []))
+
+    def history_policy(self, group: str) -> HistoryPolicy | None:
+        return HistoryPolicy(3, 60.0) if group.startswith("h:") else None
+
+    def history(self, group: str, since: int | None, limit: int, callback: Any) -> None:
+        policy = self.history_policy(group)
+        assert policy is not None
+        callback(self.store.read(group, policy, since, limit))
 
     def get(self, session_id: str) -> Any:
         return next((s for members in self.groups.values() for s in members if s.id == session_id), None)
@@ -79,7 +104,13 @@ def call(api: ServerApi, method: str, params: Any, **kw: Any) -> tuple[int, Any]
     if not isinstance(decided, int):
         return decided[0], json.loads(decided[2])
     assert decided == len(body)
-    status, headers, answer = api.handle(req, body)
+    result = api.handle(req, body)
+    if isinstance(result, Pending):
+        answers: list[Any] = []
+        result.then(answers.append)
+        assert answers, "a Pending answer that never came"
+        result = answers[0]
+    status, headers, answer = result
     assert ("Content-Type", "application/json") in headers
     return status, json.loads(answer)
 
@@ -171,17 +202,58 @@ def test_disconnect_presence_info_history(api, server):
     assert call(api, "disconnect", {"group": "g"})[1]["result"]["disconnected"] == 1  # one was closing already
     assert two.closed_with == (1000, "")
     assert call(api, "disconnect", {"session": "ffffffffffff.1"})[1]["result"]["disconnected"] == 0
+    server.remote["g"] = [Member("fedcba987654.3", "fedcba987654", "alice", {"name": "Alice"})]
     status, answer = call(api, "presence", {"group": "g"})
     assert status == 200 and answer["result"] == {
-        "group": "g", "scope": "local", "instance": "0123456789ab", "count": 2,
-        "members": [{"session": "0123456789ab.1", "path": "/broadcast/x", "remote": "192.0.2.7:4242"},
-                    {"session": "0123456789ab.2", "path": "/broadcast/x", "remote": "[::1]:9"}],
+        "group": "g", "scope": "cluster", "instance": "0123456789ab", "count": 3,
+        "members": [{"session": "0123456789ab.1", "instance": "0123456789ab", "user": None, "info": {},
+                     "path": "/broadcast/x", "remote": "192.0.2.7:4242"},
+                    {"session": "0123456789ab.2", "instance": "0123456789ab", "user": None, "info": {},
+                     "path": "/broadcast/x", "remote": "[::1]:9"},
+                    {"session": "fedcba987654.3", "instance": "fedcba987654", "user": "alice",
+                     "info": {"name": "Alice"}}],
     }
+    # A group this instance does not follow: the other instances are asked.
+    server.remote["elsewhere"] = [Member("fedcba987654.4", "fedcba987654")]
+    answer = call(api, "presence", {"group": "elsewhere"})[1]["result"]
+    assert answer["count"] == 1 and answer["members"][0]["session"] == "fedcba987654.4"
     info = call(api, "info", {})[1]["result"]
     assert info["instance"] == "0123456789ab" and info["connections"] == 3 and info["groups"] == 2
     assert (info["messages_in"], info["messages_out"]) == (7, 9) and info["broker"] == {"kind": "memory", "up": True}
-    status, answer = call(api, "history", {"group": "g"})
-    assert status == 501 and answer["error"]["code"] == "not_implemented"
+    status, answer = call(api, "history", {"group": "g"})  # no route keeps history for it
+    assert status == 404 and answer["error"]["code"] == "no_history" and answer["error"]["field"] == "group"
+
+
+def test_history_reads_since_an_offset_with_limit_epoch_and_trimming(api, server):
+    first = call(api, "history", {"group": "h:1"})[1]["result"]
+    assert first["offset"] == 0 and first["messages"] == [] and first["complete"] is True
+    epoch = first["epoch"]
+    for i in range(4):  # history_size 3: the first one is trimmed
+        assert call(api, "publish", {"group": "h:1", "data": f"m{i}"})[0] == 200
+    assert call(api, "publish", {"group": "h:1", "data_b64": "AAE="})[0] == 200
+    result = call(api, "history", {"group": "h:1", "since": 2})[1]["result"]
+    assert result["epoch"] == epoch and result["offset"] == 5 and result["complete"] is True
+    assert result["messages"] == [{"offset": 3, "data": "m2"}, {"offset": 4, "data": "m3"},
+                                  {"offset": 5, "data_b64": "AAE="}]
+    cut = call(api, "history", {"group": "h:1", "since": 2, "limit": 1})[1]["result"]
+    assert cut["messages"] == [{"offset": 3, "data": "m2"}] and cut["complete"] is False  # ask again from 3
+    trimmed = call(api, "history", {"group": "h:1", "since": 0})[1]["result"]
+    assert [m["offset"] for m in trimmed["messages"]] == [3, 4, 5] and trimmed["complete"] is False
+    other = call(api, "history", {"group": "h:1", "since": {"epoch": "not-" + epoch, "offset": 2}})[1]["result"]
+    assert other["messages"] == [] and other["complete"] is False and other["epoch"] == epoch
+    same = call(api, "history", {"group": "h:1", "since": {"epoch": epoch, "offset": 4}})[1]["result"]
+    assert same["messages"] == [{"offset": 5, "data_b64": "AAE="}] and same["complete"] is True
+    for bad in ({"since": -1}, {"since": "3"}, {"since": {"epoch": epoch}}, {"limit": 0}, {"limit": 4},
+                {"limit": True}):
+        status, answer = call(api, "history", {"group": "h:1", **bad})
+        assert status == 400 and answer["error"]["field"] in bad, (bad, answer)
+
+
+def test_history_when_the_broker_cannot_read_it_is_503(api, server):
+    server.history = lambda group, since, limit, callback: callback(HistoryResult("", 0, error="broker down"))
+    status, answer = call(api, "history", {"group": "h:2"})
+    assert status == 503 and answer["error"]["code"] == "broker_unavailable" and "broker down" in answer["error"][
+        "message"]
 
 
 # ------------------------------------------------------------------------------------ the body, sans-I/O

@@ -15,7 +15,10 @@ One socket and stdin in a ``selectors`` loop, no threads, no asyncio:
 
 Exit status: 0 after a clean close (1000, 1001 or a close frame without a code, from either side), 1 for
 everything else (refused connection, failed TLS or opening handshake, protocol error, lost connection, other
-close codes, ``--once`` replies missing when ``--timeout`` ran out), 130 on Ctrl-C; 2 is click's usage error.
+close codes, ``--once`` replies missing when ``--timeout`` ran out, a ``--once --binary`` line that is not hex /
+base64: skipped, no reply awaited for it, the run ends once the others are answered), 130 on Ctrl-C; 2 is click's
+usage error. A ``ws://`` URL whose server resets or closes the connection without answering gets a hint: it may
+be a TLS port (``wss://``).
 """
 
 from __future__ import annotations
@@ -133,6 +136,15 @@ def parse_header(text: str) -> tuple[str, str]:
     return name, value
 
 
+#: The first byte of a TLS record a server may send to a plain-text client: an alert (21) or a handshake (22).
+_TLS_RECORDS = (b"\x15", b"\x16")
+
+
+def _tls_hint(target: Target) -> str:
+    """A ws:// server that resets or closes without a word may be a TLS port (the daemon drops plain HTTP there)."""
+    return "" if target.secure else " (is it wss://? a TLS port drops a plain-text request like this)"
+
+
 def _describe_close(code: int, reason: str) -> str:
     try:
         label = CloseCode(code).name.lower().replace("_", " ")
@@ -163,6 +175,7 @@ class WebSocketClient:
         self._wbuf = bytearray()
         self._inbuf = bytearray()
         self._stdin_open = True
+        self._unsent = 0  # --binary lines that did not decode: not sent, so no reply is owed for them
         self._sent = 0
         self._received = 0
         self._status: int | None = None  # the exit status once decided
@@ -253,7 +266,11 @@ class WebSocketClient:
                 if not chunk:
                     conn.receive_eof()
                     how = "mid-answer" if answered else "without answering"
-                    raise ClientError(f"handshake failed: the server closed the connection {how}")
+                    hint = "" if answered else _tls_hint(target)
+                    raise ClientError(f"handshake failed: the server closed the connection {how}{hint}")
+                if not answered and chunk[:1] in _TLS_RECORDS and not target.secure:
+                    conn.abort("a TLS record instead of an HTTP answer")
+                    raise ClientError(f"handshake failed: {where} answered in TLS, not HTTP (is it wss://?)")
                 answered = True
                 events = conn.receive_data(chunk)
         except TimeoutError:
@@ -261,7 +278,8 @@ class WebSocketClient:
             raise ClientError(f"handshake failed: no answer from {where} within {opts.timeout:g} s") from None
         except OSError as exc:
             conn.abort("connection lost during the opening handshake")
-            raise ClientError(f"handshake failed: {exc.strerror or exc}") from None
+            hint = _tls_hint(target) if not answered and isinstance(exc, ConnectionResetError) else ""
+            raise ClientError(f"handshake failed: {exc.strerror or exc}{hint}") from None
         first = events[0] if events else None
         if type(first) is HandshakeFailed:  # not an HTTP response head at all
             raise ClientError(f"handshake failed: {first.reason} (is this a WebSocket server?)")
@@ -369,7 +387,7 @@ class WebSocketClient:
             return
         if self._once_deadline is not None and now >= self._once_deadline:
             self._once_deadline = None
-            expected = max(1, self._sent)
+            expected = self._owed()
             self._say(f"timed out after {self.opts.timeout:g} s: {self._received} of {expected} replies")
             self._start_close(CloseCode.NORMAL, status=1)
         if self._next_ping is not None and now >= self._next_ping and conn.state is State.OPEN:
@@ -452,9 +470,9 @@ class WebSocketClient:
             if type(event) is Message:
                 self._print(event.data)
                 self._received += 1
-                if self._once_deadline is not None and self._received >= max(1, self._sent):
+                if self._once_deadline is not None and self._received >= self._owed():
                     self._once_deadline = None
-                    self._start_close(CloseCode.NORMAL, status=0)
+                    self._start_close(CloseCode.NORMAL, status=1 if self._unsent else 0)
             elif type(event) is Pong:
                 self._awaiting_pong = False
             elif type(event) is Closed:
@@ -532,17 +550,25 @@ class WebSocketClient:
                 payload = base64.b64decode(text, validate=True) if self.opts.binary_format == "base64" \
                     else bytes.fromhex(text)
             except (ValueError, binascii.Error):
-                self._say(f"not {self.opts.binary_format}, not sent: {text[:60]!r}")
+                # With --once no reply is awaited for it, and the run ends with status 1 (a line was lost).
+                self._unsent += 1
+                self._say(f"not {self.opts.binary_format}, not sent: {text[:60]!r}"
+                          + (" (--once will exit 1)" if self.opts.once else ""))
                 return
             conn.send_binary(payload)
         else:
             conn.send_text(line.decode("utf-8", "replace"))
         self._sent += 1
 
+    def _owed(self) -> int:
+        """``--once``: the replies to wait for: one per message sent; one (a greeting) when stdin had no line at all,
+        none when its lines were all undecodable ``--binary`` input (nothing was sent to answer)."""
+        return self._sent if self._sent or self._unsent else 1
+
     def _on_stdin_eof(self) -> None:
         if self.opts.once:
-            if self._received >= max(1, self._sent):
-                self._start_close(CloseCode.NORMAL, status=0)
+            if self._received >= self._owed():
+                self._start_close(CloseCode.NORMAL, status=1 if self._unsent else 0)
             else:
                 self._once_deadline = time.monotonic() + self.opts.timeout
         elif not self.opts.keep_open:

@@ -25,6 +25,14 @@ pipe (non-blocking, from a timer of its own event loop: a stuck loop stops beati
 than ``worker_timeout`` (SIGKILL ends a stopped or hung process too), logging ``worker unresponsive; killing it``
 with the slot, the pid and how long it was silent; the reaped worker is then restarted like a crashed one.
 
+Figures. ``/metrics``, ``/readyz`` and ``/admin`` are answered by whichever worker takes the request (the ops
+listener is shared like the WebSocket one), yet must describe the instance. The supervisor maps a
+:class:`~selectws.server.workerstats.WorkerTable` (shared memory, one slot per worker) before forking; each worker
+publishes its figures to its slot every second and right before it answers, and reads the others' from theirs
+(selectws/server/opsview.py). The supervisor only clears the slot of a worker that exited. It does not aggregate
+over the pipe: the answer would then be a copy of an older moment, and two scrapes landing on workers holding
+copies of different ages would see counters go backwards; nor can it answer itself, since it serves no HTTP.
+
 The systemd watchdog is not fooled by a supervisor whose loop runs while a worker does not: the supervisor sends
 ``WATCHDOG=1`` only while every running worker beat within the ping interval (``WatchdogSec/2``). A worker it
 replaces in time (``worker_timeout`` below that) never stops the pings; one it cannot replace (``worker_timeout =
@@ -52,6 +60,7 @@ from selectws.brokers import broker_factory
 from selectws.config import Config, split_host_port
 from selectws.plugins.registry import find_plugin
 from selectws.server.server import Server
+from selectws.server.workerstats import WorkerSlot, WorkerTable
 from selectws.transport.listen import bind_listeners, format_address
 from selectws.transport.logs import flush_logs, get_logger
 from selectws.transport.loop import EventLoop, Timer
@@ -218,6 +227,7 @@ class Supervisor:
         if config.ops.listen:
             self.ops_sockets = bind_listeners(*split_host_port("ops.listen", config.ops.listen), backlog)
         self.slots = [_Slot(i) for i in range(config.server.workers)]
+        self.table = WorkerTable(len(self.slots))  # each worker's figures, shared (mapped before any fork)
         self.parent_pid = os.getpid()
         self.stopping = False
         self.failed_exits = 0
@@ -249,6 +259,7 @@ class Supervisor:
                 sock.close()
             for slot in self.slots:
                 self._close_pipe(slot)
+            self.table.close()
             flush_logs()
             loop.close()
             self.notifier.close()
@@ -301,7 +312,8 @@ class Supervisor:
                             ops_sockets=self.ops_sockets or None, notifier=notifier,
                             broker=broker_factory(self.config.broker),
                             reload=None if self.reload is None else _reload_and_tag(self.reload, index),
-                            hooks=self.hooks, api_key=read_api_key, jwt=load_jwt)
+                            hooks=self.hooks, api_key=read_api_key, jwt=load_jwt,
+                            worker_stats=WorkerSlot(self.table, index))
             _watch_parent(server, self.parent_pid)
             if self.beat_interval:
                 _beat_every(server.loop, notifier, self.beat_interval)
@@ -359,6 +371,7 @@ class Supervisor:
     def _exited(self, slot: _Slot, status: int) -> None:
         pid, slot.pid = slot.pid, 0
         self.heartbeats.forget(slot.index)
+        self.table.clear(slot.index)  # its figures go with it (its replacement starts its series from 0)
         self._close_pipe(slot)
         code = os.waitstatus_to_exitcode(status)
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"

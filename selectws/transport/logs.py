@@ -17,6 +17,7 @@ Why this shape:
 from __future__ import annotations
 
 import atexit
+import enum
 import os
 import sys
 import time
@@ -123,6 +124,15 @@ def _add_logger_name(logger: WrappedLogger, method_name: str, event_dict: EventD
     return event_dict
 
 
+def _plain_enums(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """An :class:`enum.IntEnum` value (a close code) as its number, as the JSON lines print it: the console renderer
+    would print its ``repr``, ``<CloseCode.MESSAGE_TOO_BIG: 1009>``."""
+    for key, value in event_dict.items():
+        if isinstance(value, enum.Enum) and isinstance(value, int):
+            event_dict[key] = int(value)
+    return event_dict
+
+
 def _isatty(stream: IO[str]) -> bool:
     try:
         return bool(stream.isatty())
@@ -166,7 +176,7 @@ def configure_logging(
         processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
         # ConsoleRenderer formats exc_info itself (and warns if format_exc_info ran first).
-        processors.append(structlog.dev.ConsoleRenderer(colors=tty))
+        processors += [_plain_enums, structlog.dev.ConsoleRenderer(colors=tty)]
 
     structlog.configure(
         processors=processors,

@@ -1,7 +1,7 @@
 """The ``selectws`` command line: ``serve``, ``check-config``, ``connect``, ``publish``, ``gentoken``.
 
-Precedence is flags > file > built-in defaults. A configuration error is one line naming the key, exit status 2,
-and nothing listens.
+Precedence is flags > environment (``SELECTWS_<SECTION>_<KEY>``) > file > built-in defaults. A configuration error
+is one line naming the key (or ``FILE:LINE:COLUMN:`` for a file that is not TOML), exit status 2, and nothing listens.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from selectws.app.jwt_keys import INSTALL_HINT, load_jwt
 from selectws.app.workers import run_workers
 from selectws.brokers import broker_factory
 from selectws.config import Config, ConfigError, load_config
+from selectws.config.printing import render_effective
 from selectws.plugins.registry import find_plugin
 from selectws.server.server import Server
 from selectws.transport.logs import configure_logging, get_logger
@@ -35,9 +36,15 @@ from selectws.transport.tls import build_context
 __all__ = ["main"]
 
 
+# The flags of serve (and check-config) and the keys they set.
+_FLAGS = {"server.host": "--host", "server.port": "--port", "logging.level": "--log-level",
+          "logging.format": "--log-format", "server.workers": "--workers"}
+
+
 def _load(config_path: str | None, overrides: dict[str, Any]) -> Config:
+    # The environment is read again on every reload (it is the same: a process's environment does not change).
     config = load_config(config_path, overrides={k: v for k, v in overrides.items() if v is not None},
-                         plugin_resolver=find_plugin)
+                         plugin_resolver=find_plugin, environ=os.environ)
     read_api_key(config)  # [api]: a missing or empty key is a configuration error (serve, check-config, reload)
     load_jwt(config)  # [auth] for auth = "jwt" routes: PyJWT installed, the secret or public key readable
     return config
@@ -55,9 +62,35 @@ def _reloader(config_path: str, overrides: dict[str, Any]) -> Callable[[], Confi
 
 
 def _config_error(exc: ConfigError, source: str | None) -> None:
-    where = f" in {source}" if source else ""
-    click.echo(f"selectws: configuration error{where}: {exc}", err=True)
+    if exc.line is not None:  # FILE:LINE:COLUMN: invalid TOML: ... (the form editors and CI annotations jump to)
+        click.echo(str(exc), err=True)
+    elif exc.key == "<file>":  # cannot read config FILE: no such file | permission denied | is a directory
+        click.echo(f"selectws: {exc}", err=True)
+    else:
+        where = f" in {source}" if source and exc.env is None else ""
+        click.echo(f"selectws: configuration error{where}: {exc}", err=True)
     sys.exit(2)
+
+
+def _config_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """serve's flags, shared with check-config (so that it checks, and prints, what serve would run)."""
+    options = [
+        click.option("--host", help="Address to listen on (overrides server.host)."),
+        click.option("--port", type=int, help="Port to listen on, 0 for any free port (overrides server.port)."),
+        click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)),
+        click.option("--log-format", type=click.Choice(["auto", "console", "json"], case_sensitive=False)),
+        click.option("--workers", type=int, help="Worker processes sharing the port (overrides server.workers; "
+                                                 ">1 needs [broker] url)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _overrides(host: str | None, port: int | None, log_level: str | None, log_format: str | None,
+               workers: int | None) -> dict[str, Any]:
+    return {"server.host": host, "server.port": port, "logging.level": log_level, "logging.format": log_format,
+            "server.workers": workers}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -67,18 +100,16 @@ def main() -> None:
 
 
 @main.command()
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="TOML configuration file.")
-@click.option("--host", help="Address to listen on (overrides server.host).")
-@click.option("--port", type=int, help="Port to listen on, 0 for any free port (overrides server.port).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
-@click.option("--log-format", type=click.Choice(["auto", "console", "json"], case_sensitive=False))
-@click.option("--workers", type=int, help="Worker processes sharing the port (overrides server.workers; "
-                                          ">1 needs [broker] url).")
+@click.option("-c", "--config", "config_path", metavar="FILE", help="TOML configuration file.")
+@_config_flags
 def serve(config_path: str | None, host: str | None, port: int | None, log_level: str | None,
           log_format: str | None, workers: int | None) -> None:
-    """Run the daemon (in the foreground; systemd or a terminal supervises it)."""
-    overrides = {"server.host": host, "server.port": port, "logging.level": log_level, "logging.format": log_format,
-                 "server.workers": workers}
+    """Run the daemon (in the foreground; systemd or a terminal supervises it).
+
+    Settings come from the built-in defaults, then FILE, then SELECTWS_<SECTION>_<KEY> environment variables,
+    then these flags (docs/configuration.md).
+    """
+    overrides = _overrides(host, port, log_level, log_format, workers)
     hooks = HookLoader()  # [[hooks]]: reads the secrets; resolves host names here, before any loop runs
     try:
         config = _load(config_path, overrides)
@@ -117,19 +148,37 @@ def serve(config_path: str | None, host: str | None, port: int | None, log_level
 
 
 @main.command("check-config")
-@click.argument("config_path", type=click.Path(dir_okay=False))
-def check_config(config_path: str) -> None:
-    """Validate a configuration file without serving (exit 0 when it is good, 2 when not)."""
+@click.argument("config_path", required=False, metavar="[FILE]")
+@click.option("-c", "--config", "config_option", metavar="FILE", help="The file (instead of the argument).")
+@_config_flags
+@click.option("--print", "show", is_flag=True,
+              help="Print the effective configuration: every key, its value and where it came from "
+                   "(default, file, env VARIABLE, flag --x).")
+def check_config(config_path: str | None, config_option: str | None, host: str | None, port: int | None,
+                 log_level: str | None, log_format: str | None, workers: int | None, show: bool) -> None:
+    """Validate the configuration without serving (exit 0 when it is good, 2 when not).
+
+    It is read as serve reads it: FILE, then SELECTWS_<SECTION>_<KEY> environment variables, then the flags (give
+    the same ones as to serve). Without FILE: the defaults, the environment and the flags.
+    """
+    if config_path and config_option:
+        raise click.UsageError("give the file once: FILE or -c FILE")
+    config_path = config_path or config_option
     try:
-        config = _load(config_path, {})
+        config = _load(config_path, _overrides(host, port, log_level, log_format, workers))
         if config.tls.enabled:  # load the certificate and key as serve would
-            build_context(config.tls, os.path.dirname(os.path.abspath(config_path)))
+            build_context(config.tls, os.path.dirname(os.path.abspath(config_path)) if config_path else None)
         check_hooks(config)  # h11, the secrets and CA files of [[hooks]] (no DNS)
     except ConfigError as exc:
         _config_error(exc, config_path)
         return
+    if show:
+        click.echo(f"# selectws: effective configuration ({config_path or 'no file'}: OK). After each value, where it "
+                   "came from:\n# default, file, env VARIABLE or flag --option (docs/configuration.md).\n")
+        click.echo(render_effective(config, _FLAGS), nl=False)
+        return
     routes = ", ".join(f"{r.path} -> {r.plugin}" for r in config.routes)
-    click.echo(f"{config_path}: OK (listen {config.server.host}:{config.server.port}; routes {routes})")
+    click.echo(f"{config_path or '(no file)'}: OK (listen {config.server.host}:{config.server.port}; routes {routes})")
 
 
 def _headers_option(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:

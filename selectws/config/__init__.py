@@ -11,9 +11,11 @@ Why this shape:
   (``max_mesage_size``) is worse than one that refuses to start. Every error is a
   :class:`ConfigError` naming the dotted key, so the operator knows exactly which line to fix, and
   unknown keys come with a "did you mean" suggestion.
-* **Precedence** -- built-in defaults < the file < command-line overrides (dotted keys such as
-  ``"server.port"``). Overrides are merged into the raw data *before* validation, so a bad flag
-  value is reported with the same messages as a bad file value.
+* **Precedence** -- built-in defaults < the file < the environment (``SELECTWS_SERVER_PORT``, the scalar
+  keys only) < command-line overrides (dotted keys such as ``"server.port"``). Both are merged into the
+  raw data *before* validation, so a bad variable or flag value is reported with the same messages as a
+  bad file value (plus the variable's name, or "from command-line override"). :attr:`Config.origins`
+  records which of them set each value (``selectws check-config --print``).
 
 The reference configuration with every key, its default and its range is ``config/selectws.toml``.
 """
@@ -21,10 +23,14 @@ The reference configuration with every key, its default and its range is ``confi
 from __future__ import annotations
 
 import difflib
+import errno
 import ipaddress
+import json
 import math
 import os
 import re
+import stat
+import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -36,9 +42,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_ROUTES",
+    "ENV_PREFIX",
     "HOOK_EVENTS",
     "JWT_HMAC_ALGORITHMS",
     "JWT_KEY_ALGORITHMS",
+    "RESERVED_ENV",
     "ApiConfig",
     "AuthConfig",
     "BrokerConfig",
@@ -54,10 +62,14 @@ __all__ = [
     "StaticConfig",
     "TimeoutsConfig",
     "TlsConfig",
+    "env_name",
     "load_config",
     "parse_config",
     "parse_redis_url",
+    "read_config_file",
+    "route_options_error",
     "split_host_port",
+    "use_plugin_paths",
 ]
 
 
@@ -71,13 +83,30 @@ class ConfigError(Exception):
 
     key: str
     reason: str
+    env: str | None
+    """The environment variable the bad value came from (``SELECTWS_SERVER_PORT``), else ``None``."""
+    path: str | None
+    line: int | None
+    column: int | None
+    """For a file that is not TOML (or not UTF-8): where, 1-based; ``str()`` is then ``path:line:column: reason``."""
 
-    def __init__(self, key: str, reason: str) -> None:
+    def __init__(self, key: str, reason: str, *, env: str | None = None, path: str | None = None,
+                 line: int | None = None, column: int | None = None) -> None:
         super().__init__(key, reason)
         self.key = key
         self.reason = reason
+        self.env = env
+        self.path = path
+        self.line = line
+        self.column = column
 
     def __str__(self) -> str:
+        if self.line is not None:
+            return f"{self.path}:{self.line}:{self.column}: {self.reason}"
+        if self.key == "<file>":  # the reason names the file: "cannot read config F: no such file"
+            return self.reason
+        if self.env is not None:
+            return f"{self.env}: {self.key}: {self.reason}"
         return f"{self.key}: {self.reason}"
 
 
@@ -224,6 +253,9 @@ class ServerConfig:
     it (0 = never; else >= 1)."""
     trusted_proxies: tuple[str, ...] = field(default=(), metadata={_RULE: _Rule(tuple)})
     """Addresses/CIDRs of reverse proxies whose ``Forwarded`` / ``X-Forwarded-For`` headers are believed."""
+    plugin_paths: tuple[str, ...] = field(default=(), metadata={_RULE: _Rule(tuple)})
+    """Folders (relative to the configuration file) put at the front of ``sys.path`` before plugins are loaded, so
+    ``plugin = "mymod:MyPlugin"`` finds ``mymod.py`` there. Stored as absolute paths; each must exist."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +374,9 @@ class OpsConfig:
     """URL path of the metrics."""
     listen: str = field(default="", metadata={_RULE: _Rule(str)})
     """Empty: serve them on the WebSocket port. ``host:port``: serve them on a separate listener instead."""
+    admin: bool = _bool(False)
+    """Serve the live admin dashboard at ``/admin`` on ``listen`` (needed), behind the server API key ([api]
+    key_file / key_env, needed): docs/operations.md."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +432,9 @@ class BrokerConfig:
     health_timeout: float = _seconds(3.0)
     """A connection to Redis silent this long (no reply, no message; a PING goes every third of it when idle) is
     hung: the broker is marked down, both connections are dropped and reconnected."""
+    presence_heartbeat: float = field(default=5.0, metadata={_RULE: _Rule(float, 0.1, 300)})
+    """Each instance says it is alive this often (docs/presence.md); an instance silent for three of these is gone,
+    and its members leave every group."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,7 +495,8 @@ class RouteConfig:
     plugin: str
     """Built-in name, entry-point name (group ``selectws.plugins``) or ``package.module:Class``."""
     options: Mapping[str, Any] = field(default_factory=dict)
-    """Free-form plugin options; the plugin validates them. Treat as read-only."""
+    """The plugin's options table, as written; checked against the options the plugin declares
+    (``Plugin.Options``, docs/plugins.md) when the plugin is resolved. Treat as read-only."""
     subprotocols: tuple[str, ...] = ()
     """Overrides the subprotocols the plugin offers; empty means "the plugin's own list"."""
     compression: bool | None = None
@@ -475,6 +514,11 @@ class RouteConfig:
     """Messages a connection may send at once on this route; ``None`` follows ``[limits]``."""
     rate_limit_action: str | None = None
     """``close`` (1008) or ``drop`` for a message over the rate; ``None`` follows ``[limits]``."""
+    history_size: int = 0
+    """Messages kept per group of this route, for clients that reconnect (docs/history.md); 0: no history."""
+    history_ttl: float = 300.0
+    """Seconds a group's history is kept after its latest message (a group that stays quiet longer starts over,
+    with a new epoch)."""
 
     def rate_limit(self, limits: LimitsConfig) -> dict[str, Any]:
         """The route's effective ``max_messages_per_second``, ``burst`` and ``rate_limit_action`` (keyword
@@ -546,6 +590,9 @@ class Config:
     routes: tuple[RouteConfig, ...] = field(default_factory=_default_routes)
     source: str | None = None
     """Path of the file this came from (``None`` for defaults/in-memory data); used by reload."""
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    """Where each value came from, by dotted key (``"server.port"``, ``"routes[0].path"``): ``"file"``,
+    ``"env SELECTWS_SERVER_PORT"`` or ``"flag"``; a key not listed is a built-in default (``check-config --print``)."""
 
 
 # The scalar tables, in the order they are validated (and so, which error wins).
@@ -567,8 +614,12 @@ _TOP_LEVEL: Final[tuple[str, ...]] = (*_SECTIONS, "routes", "hooks")
 _RATE_KEYS: Final[tuple[str, ...]] = ("max_messages_per_second", "burst", "rate_limit_action")
 _ROUTE_KEYS: Final[tuple[str, ...]] = (
     "path", "plugin", "options", "subprotocols", "compression", "origins", "auth", "subprotocol_required",
-    *_RATE_KEYS,
+    *_RATE_KEYS, "history_size", "history_ttl",
 )
+_HISTORY_RULES: Final[dict[str, _Rule]] = {
+    "history_size": _Rule(int, 0, 1_000_000),
+    "history_ttl": _Rule(float, 0, 30 * 86400, exclusive_minimum=True),
+}
 
 
 def _field_names(cls: type[DataclassInstance]) -> tuple[str, ...]:
@@ -584,26 +635,138 @@ def load_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     plugin_resolver: Callable[[str], object] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> Config:
-    """Read and validate a TOML file (or just defaults + overrides when ``path`` is None).
+    """Read and validate a TOML file (or just defaults + environment + overrides when ``path`` is None).
 
-    Problems with the file itself -- missing, unreadable, not UTF-8, not TOML -- are reported with
-    key ``"<file>"``; everything else names the offending key. See :func:`parse_config`.
+    Problems with the file itself are reported with key ``"<file>"``: ``cannot read config F: no such file``
+    (``permission denied``, ``is a directory``), or ``F:LINE:COLUMN: invalid TOML: ...`` with
+    :attr:`ConfigError.line` set; everything else names the offending key. See :func:`parse_config`.
     """
     if path is None:
-        return parse_config({}, None, overrides, plugin_resolver)
+        return parse_config({}, None, overrides, plugin_resolver, environ)
     source = os.fspath(path)
+    return parse_config(read_config_file(source), source, overrides, plugin_resolver, environ)
+
+
+# What an unreadable configuration file is called, by errno (anything else: the OS's words, lower-case).
+_READ_ERRORS: Final[dict[int, str]] = {
+    errno.ENOENT: "no such file",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EISDIR: "is a directory",
+    errno.ENOTDIR: "no such file",  # a path through a file: "a.toml/b.toml"
+}
+# tomllib puts the position at the end of its message (Python 3.11-3.13 have no attributes for it).
+_TOML_POSITION = re.compile(r"^(?P<message>.*?) \((?:at line (?P<line>\d+), column (?P<column>\d+)|"
+                            r"(?P<end>at end of document))\)$", re.DOTALL)
+
+
+def read_config_file(source: str) -> dict[str, Any]:
+    """The parsed TOML of ``source``, or :class:`ConfigError` (key ``"<file>"``) saying why not."""
     try:
         with open(source, "rb") as fh:
-            data = tomllib.load(fh)
+            if stat.S_ISDIR(os.fstat(fh.fileno()).st_mode):  # not every OS refuses to open a folder
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), source)
+            raw = fh.read()
     except OSError as exc:
-        raise ConfigError("<file>", f"cannot read {source}: {exc.strerror or exc}") from exc
+        words = _READ_ERRORS.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()
+        raise ConfigError("<file>", f"cannot read config {source}: {words}") from exc
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError("<file>", f"{source} is not valid UTF-8: {exc}") from exc
+        line, column = _position(raw[:exc.start].decode("utf-8", "replace"), exc.start)
+        raise ConfigError("<file>", f"not valid UTF-8 (byte 0x{raw[exc.start]:02x})", path=source, line=line,
+                          column=column) from exc
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        # tomllib's message carries "(at line N, column M)", which is what the operator needs.
-        raise ConfigError("<file>", f"invalid TOML in {source}: {exc}") from exc
-    return parse_config(data, source, overrides, plugin_resolver)
+        match = _TOML_POSITION.match(str(exc))
+        if match is None:  # pragma: no cover - every tomllib error carries a position
+            raise ConfigError("<file>", f"invalid TOML in {source}: {exc}") from exc
+        if match["end"]:
+            line, column = _position(text, len(text))
+        else:
+            line, column = int(match["line"]), int(match["column"])
+        raise ConfigError("<file>", f"invalid TOML: {match['message']}", path=source, line=line,
+                          column=column) from exc
+
+
+def _position(text: str, offset: int) -> tuple[int, int]:
+    """1-based (line, column) of ``offset`` in ``text``, as tomllib counts them."""
+    before = text[:offset]
+    return before.count("\n") + 1, offset - (before.rfind("\n") + 1) + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The environment: SELECTWS_<SECTION>_<KEY>, between the file and the command line.
+# --------------------------------------------------------------------------------------------------
+
+ENV_PREFIX: Final = "SELECTWS_"
+#: Never configuration: the conventional variable of the server API key (``selectws publish``'s default).
+#: Variables named by ``api.key_env``, ``auth.jwt_secret_env`` and ``hooks[].secret_env`` are not either.
+RESERVED_ENV: Final[frozenset[str]] = frozenset({"SELECTWS_API_KEY"})
+_SECRET_NAME_KEYS: Final[tuple[tuple[str, str], ...]] = (("api", "key_env"), ("auth", "jwt_secret_env"))
+
+
+def env_name(dotted: str) -> str:
+    """``"server.port"`` -> ``"SELECTWS_SERVER_PORT"``."""
+    return ENV_PREFIX + dotted.replace(".", "_").upper()
+
+
+def _secret_variables(data: Mapping[str, Any], environ: Mapping[str, str]) -> set[str]:
+    """Variables that hold secrets (named by ``*_env`` keys of the file or the environment): not settings."""
+    names = set(RESERVED_ENV)
+    for section, key in _SECRET_NAME_KEYS:
+        table = data.get(section)
+        if isinstance(table, Mapping) and isinstance(table.get(key), str):
+            names.add(table[key])
+        names.add(environ.get(env_name(f"{section}.{key}"), ""))
+    hooks = data.get("hooks")
+    for hook in hooks if isinstance(hooks, list | tuple) else ():
+        if isinstance(hook, Mapping) and isinstance(hook.get("secret_env"), str):
+            names.add(hook["secret_env"])
+    return names
+
+
+def _env_layer(data: Mapping[str, Any], environ: Mapping[str, str] | None) -> dict[str, tuple[Any, str]]:
+    """The configuration in ``environ``: dotted key -> (value, variable).
+
+    Only ``SELECTWS_<SECTION>_<KEY>`` with a known scalar section is configuration (other ``SELECTWS_*`` variables
+    are left alone); an unknown key in a known section, or a ``[[routes]]`` / ``[[hooks]]`` variable, is an error.
+    A value is read as a TOML value (``9000``, ``2.5``, ``true``, ``["a", "b"]``) unless the key is a string, whose
+    value is taken as it is; a value that is not TOML is a string too (and the key's rule says what was expected).
+    """
+    if not environ:
+        return {}
+    skip = _secret_variables(data, environ)
+    found: dict[str, tuple[Any, str]] = {}
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX) or var in skip:
+            continue
+        section, _, name = var[len(ENV_PREFIX):].lower().partition("_")
+        if section in ("routes", "hooks"):
+            raise ConfigError(section, f"[[{section}]] cannot be set from the environment (only the keys of the "
+                                       "top-level tables, like SELECTWS_SERVER_PORT)", env=var)
+        cls = _SECTIONS.get(section)
+        if cls is None:
+            continue
+        rules = {f.name: f.metadata[_RULE] for f in fields(cls)}
+        if name not in rules:
+            close = difflib.get_close_matches(name, list(rules), n=1, cutoff=0.6)
+            hint = f"; did you mean {env_name(f'{section}.{close[0]}')}?" if close else ""
+            raise ConfigError(f"{section}.{name}", f"not a configuration key{hint}", env=var)
+        found[f"{section}.{name}"] = (_env_value(environ[var], rules[name]), var)
+    return found
+
+
+def _env_value(raw: str, rule: _Rule) -> Any:
+    if rule.kind is str or "\n" in raw:
+        return raw
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
 
 
 def parse_config(
@@ -611,29 +774,37 @@ def parse_config(
     source: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     plugin_resolver: Callable[[str], object] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> Config:
-    """Validate already-parsed TOML data (plus dotted-key ``overrides``) into a :class:`Config`.
+    """Validate already-parsed TOML data (plus ``environ`` and dotted-key ``overrides``) into a :class:`Config`.
 
-    ``overrides`` maps ``"section.key"`` to a value and wins over ``data``; ``None`` values mean
-    "flag not given" and are skipped. Only the scalar tables can be overridden, not ``routes``.
+    Precedence: built-in defaults < ``data`` < ``environ`` (``SELECTWS_<SECTION>_<KEY>``, see :func:`_env_layer`;
+    ``None``: the environment is not read) < ``overrides``, which maps ``"section.key"`` to a value; ``None``
+    values mean "flag not given" and are skipped. Only the scalar tables can be set by either, not ``routes``.
+    :attr:`Config.origins` says where each value came from.
 
-    If ``plugin_resolver`` is given it is called with every route's ``plugin`` string after
-    everything else validated, so a typo in a plugin name fails at load/reload time rather than on
-    the first client connection.
+    If ``plugin_resolver`` is given, ``[server] plugin_paths`` are put at the front of ``sys.path``, then the
+    resolver is called with every route's ``plugin`` string after everything else validated, so a typo in a
+    plugin name fails at load/reload time rather than on the first client connection.
 
     Raises :class:`ConfigError` for the first problem found.
     """
     if not isinstance(data, Mapping):
-        raise ConfigError("<file>", f"expected a table at top level, got {_type_name(data)}")
+        raise ConfigError("<file>", f"{source or 'configuration'}: expected a table at top level, got "
+                                    f"{_type_name(data)}")
     for key in data:
         if key not in _TOP_LEVEL:
             raise ConfigError(str(key), f"unknown key{_suggest_key(str(key), _TOP_LEVEL)}")
 
-    merged, overridden = _apply_overrides(data, overrides)
+    env = _env_layer(data, environ)
+    merged, _ = _apply_overrides(data, {key: value for key, (value, _var) in env.items()})
+    merged, overridden = _apply_overrides(merged, overrides)
+    origins = _origins(data, env, overridden)
 
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
-        sections[name] = _build_section(name, cls, merged.get(name, {}), overridden)
+        sections[name] = _build_section(name, cls, merged.get(name, {}), origins)
+    sections["server"] = replace(sections["server"], plugin_paths=_plugin_paths(sections["server"], source))
 
     ops = sections["ops"]
     for name in ("healthz_path", "readyz_path", "metrics_path"):
@@ -641,6 +812,11 @@ def parse_config(
             raise ConfigError(f"ops.{name}", f"must start with '/', got {getattr(ops, name)!r}")
     if ops.listen:
         split_host_port("ops.listen", ops.listen)
+    if ops.admin and not ops.listen:
+        raise ConfigError("ops.admin", "the admin page is served on the operator listener only: set ops.listen")
+    if ops.admin and not sections["api"].enabled:
+        raise ConfigError("ops.admin", "the admin page needs the server API key as its credential: set "
+                                       "api.key_file or api.key_env")
 
     tls = sections["tls"]
     if tls.cert and not tls.key:
@@ -701,13 +877,39 @@ def parse_config(
     hooks = _build_hooks(data.get("hooks"))
 
     if plugin_resolver is not None:
+        use_plugin_paths(sections["server"].plugin_paths)
         for i, route in enumerate(routes):
             try:
-                plugin_resolver(route.plugin)
+                plugin_cls = plugin_resolver(route.plugin)
             except Exception as exc:
                 raise ConfigError(f"routes[{i}].plugin", f"unknown plugin {route.plugin!r}: {exc}") from exc
+            # The plugin's declared options (Plugin.validate_options: duck-typed, this layer cannot import plugins).
+            validate = getattr(plugin_cls, "validate_options", None)
+            if callable(validate):
+                try:
+                    validate(route.options)
+                except Exception as exc:
+                    raise route_options_error(i, route, exc) from exc
+            # History applies to the groups the plugin owns: the base class's owns_group (marked) owns none.
+            if route.history_size and getattr(getattr(plugin_cls, "owns_group", None), "selectws_default", False):
+                raise ConfigError(f"routes[{i}].history_size", f"plugin {route.plugin!r} does not say which groups "
+                                  "are its own (Plugin.owns_group), so no history can be kept for it")
 
-    return Config(**sections, routes=routes, hooks=hooks, source=source)
+    return Config(**sections, routes=routes, hooks=hooks, source=source, origins=origins)
+
+
+def route_options_error(index: int, route: RouteConfig, exc: Exception) -> ConfigError:
+    """A plugin's refusal of its route's options (``exc``, whose ``option`` names the option, ``None`` or absent for
+    the table as a whole, and ``reason`` says why) as the error naming the route by index and path:
+    ``routes[2] (/chat).options.max_name_length: expected an integer >= 1, got "x"``."""
+    option = getattr(exc, "option", None)
+    key = f"routes[{index}] ({route.path}).options"
+    if isinstance(option, str):
+        key += "." + (option if re.fullmatch(r"[A-Za-z0-9_-]+", option) else json.dumps(option, ensure_ascii=False))
+    reason = getattr(exc, "reason", None)
+    if not isinstance(reason, str):
+        reason = f"plugin {route.plugin!r} refused them: {str(exc) or type(exc).__name__}"
+    return ConfigError(key, reason)
 
 
 def _check_auth(auth: AuthConfig, routes: tuple[RouteConfig, ...]) -> None:
@@ -823,7 +1025,7 @@ def _apply_overrides(
 _T = TypeVar("_T", bound="DataclassInstance")
 
 
-def _build_section(name: str, cls: type[_T], raw: Any, overridden: frozenset[str]) -> _T:
+def _build_section(name: str, cls: type[_T], raw: Any, origins: Mapping[str, str]) -> _T:
     """Validate one scalar table against the field rules of ``cls``."""
     if not isinstance(raw, Mapping):
         raise ConfigError(name, f"expected a table, got {_type_name(raw)}")
@@ -840,10 +1042,53 @@ def _build_section(name: str, cls: type[_T], raw: Any, overridden: frozenset[str
         try:
             values[f.name] = rule.check(dotted, raw[f.name])
         except ConfigError as exc:
-            if dotted in overridden:
+            origin = origins.get(dotted, "file")
+            if origin == "flag":
                 raise ConfigError(exc.key, f"{exc.reason} (from command-line override)") from None
+            if origin.startswith("env "):
+                raise ConfigError(exc.key, exc.reason, env=origin[4:]) from None
             raise
     return cls(**values)
+
+
+def _origins(data: Mapping[str, Any], env: Mapping[str, tuple[Any, str]], flags: frozenset[str]) -> dict[str, str]:
+    """Where each value was set: ``"file"``, ``"env VAR"`` or ``"flag"``, by dotted key (absent: default)."""
+    origins: dict[str, str] = {}
+    for section in _SECTIONS:
+        table = data.get(section)
+        for key in table if isinstance(table, Mapping) else ():
+            origins[f"{section}.{key}"] = "file"
+    for name in ("routes", "hooks"):
+        items = data.get(name)
+        for i, item in enumerate(items if isinstance(items, list | tuple) else ()):
+            for key in item if isinstance(item, Mapping) else ():
+                origins[f"{name}[{i}].{key}"] = "file"
+    origins.update((key, f"env {var}") for key, (_value, var) in env.items())
+    origins.update((key, "flag") for key in flags)
+    return origins
+
+
+def _plugin_paths(server: ServerConfig, source: str | None) -> tuple[str, ...]:
+    """``[server] plugin_paths`` made absolute (from the configuration file's folder, else the working directory);
+    each must be an existing folder."""
+    base = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
+    paths = []
+    for i, path in enumerate(server.plugin_paths):
+        full = os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+        if not os.path.isdir(full):
+            what = "not a folder" if os.path.exists(full) else "no such folder"
+            raise ConfigError(f"server.plugin_paths[{i}]", f"{what}: {full}")
+        paths.append(full)
+    return tuple(paths)
+
+
+def use_plugin_paths(paths: tuple[str, ...]) -> None:
+    """Put ``paths`` at the front of ``sys.path``, in their order (a path already there moves to the front).
+    Modules already imported stay as they are: new plugin code takes a restart."""
+    for path in reversed(paths):
+        while path in sys.path:
+            sys.path.remove(path)
+        sys.path.insert(0, path)
 
 
 # Path parameters are whole segments "{name}" where name is an ASCII identifier, so the router can
@@ -962,6 +1207,7 @@ def _build_route(i: int, item: Any) -> RouteConfig:
         auth=auth,
         subprotocol_required=proto_required,
         **_route_rate_limits(prefix, item),
+        **{key: rule.check(f"{prefix}.{key}", item[key]) for key, rule in _HISTORY_RULES.items() if key in item},
     )
 
 
@@ -996,7 +1242,7 @@ def _build_hooks(raw: Any) -> tuple[HookConfig, ...]:
     hooks = []
     for i, item in enumerate(raw):
         prefix = f"hooks[{i}]"
-        hook = _build_section(prefix, HookConfig, item, frozenset())
+        hook = _build_section(prefix, HookConfig, item, {})
         if not hook.url:
             raise ConfigError(f"{prefix}.url", "missing required key")
         try:

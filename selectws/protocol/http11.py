@@ -31,6 +31,7 @@ REASONS = {
     200: "OK",
     204: "No Content",
     301: "Moved Permanently",
+    303: "See Other",
     304: "Not Modified",
     400: "Bad Request",
     401: "Unauthorized",

@@ -29,6 +29,7 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from enum import Enum
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -38,9 +39,11 @@ from selectws.protocol.errors import CloseCode
 from selectws.protocol.events import Closed, HandshakeFailed, Message, Pong, Request, RequestBody
 from selectws.protocol.handshake import ServerProtocol
 from selectws.protocol.http11 import Headers, parse_query
-from selectws.server.handshake import Outcome, answer_body, answer_request
+from selectws.server.handshake import Outcome, answer_body, answer_later, answer_request
+from selectws.server.history import Position, Recovery
 from selectws.server.ratelimit import TokenBucket
-from selectws.server.routing import Route, Router
+from selectws.server.refusals import level_of
+from selectws.server.routing import HttpResult, Pending, Route, Router
 from selectws.transport.loop import Timer
 
 if TYPE_CHECKING:  # the annotation only: the server module builds connections (one package, one direction)
@@ -189,8 +192,9 @@ class PluginSession:
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         self._conn.close(code, reason)
 
-    def join(self, group: str) -> None:
-        self._conn.server.join(self, group)
+    def join(self, group: str, *, info: dict[str, Any] | None = None, since: Position | None = None,
+             then: Callable[[Recovery], None] | None = None) -> None:
+        self._conn.server.join(self, group, info=info, since=since, then=then)
 
     def leave(self, group: str) -> None:
         self._conn.server.leave(self, group)
@@ -210,6 +214,7 @@ class ServerConnection:
         "_linger_left",
         "_linger_until",
         "_paused",
+        "_pending_answer",
         "_plugin_failed",
         "_rate",
         "_timer",
@@ -265,6 +270,7 @@ class ServerConnection:
         self.dirty = False  # on the server's flush list
         self._awaiting_pong = 0.0
         self._plugin_failed = False
+        self._pending_answer: Pending | None = None  # a server API answer that waits for the broker
         self._rate: TokenBucket | None = None  # the route's per-connection rate limit (ratelimit.py), if it has one
         self.bytes_in = 0
         self.bytes_out = 0
@@ -468,7 +474,7 @@ class ServerConnection:
             elif kind is Request:  # alone in its batch; what follows a 101 comes through events_held
                 self._on_request(event)
             elif kind is HandshakeFailed:
-                self._refuse(event.status, event.reason, event.headers)
+                self._refuse(event.status, event.reason, "bad_request", event.headers)
             elif kind is RequestBody:
                 self._on_body(event)
         if rate is not None:
@@ -525,33 +531,59 @@ class ServerConnection:
         request = event.request
         endpoint = router.body_handler(request.path)
         if endpoint is None:  # switched off by a reload meanwhile
-            outcome = Outcome(self.ws.reject(404, f"no route for {request.path}"), self.remote, "no route")
+            outcome = Outcome(self.ws.reject(404, f"no route for {request.path}"), self.remote,
+                              f"no route for {request.path}", failure="no_route")
         else:
             outcome = answer_body(request, self.remote, endpoint, event.body)
+            pending = outcome.pending
+            if pending is not None:  # the answer needs the broker (history, presence): it comes within a second or
+                self._pending_answer = pending  # two, and the handshake timeout still bounds the wait
+                pending.then(lambda result: self._answer_later(pending, request, result))
+                return
         if outcome.raised is not None:
             self.server.log.error("http handler failed", path=request.path, exc_info=outcome.raised)
         self.ws.send_response(outcome.response)
         self._answered(outcome, request.path)
 
+    def _answer_later(self, pending: Pending, request: Request, result: HttpResult) -> None:
+        if self._pending_answer is not pending:  # timed out (408), or the connection is gone
+            return
+        self._pending_answer = None
+        outcome = answer_later(request, self.remote, result)
+        self.ws.send_response(outcome.response)
+        self._answered(outcome, request.path)
+        self._flush_later()
+
     def _answered(self, outcome: Outcome, path: str) -> None:
         """An HTTP answer (not a 101) went into the protocol's output: count a refusal; end the connection."""
         if outcome.response.status >= 400:
-            self._refused(outcome.response.status, outcome.reason, path)
+            self._refused(outcome.response.status, outcome.reason, path, outcome.failure)
         self._end_handshake()
 
-    def _refuse(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None) -> None:
+    def _refuse(self, status: int, reason: str, failure: str, headers: list[tuple[str, str]] | None = None) -> None:
         """Answer a request head we cannot read, or one that never came, with ``status`` (and end the connection)."""
-        self._refused(status, reason, None)
+        if self._pending_answer is not None:
+            self._pending_answer.cancel()
+            self._pending_answer = None
+        self._refused(status, reason, None, failure)
         self.ws.send_response(self.ws.reject(status, reason, headers or ()))
         self._end_handshake()
 
-    def _refused(self, status: int, reason: str, path: str | None) -> None:
+    def _refused(self, status: int, reason: str, path: str | None, failure: str) -> None:
+        """Count a refusal (by status, and by ``failure``: the ``reason`` label of handshake_failures_total) and
+        log it at the level its kind deserves (selectws/server/refusals.py: scanners' noise at debug, then
+        summarised once a minute)."""
         server = self.server
         counters = server.counters
         counters.rejected[status] = counters.rejected.get(status, 0) + 1
         counters.handshake_failures += 1
-        server.log.warning("handshake refused", conn=self.id, peer=self.remote[0], path=path or self.path or None,
-                           status=status, reason=reason)
+        failure = failure or "http"
+        reasons = counters.handshake_failure_reasons
+        reasons[failure] = reasons.get(failure, 0) + 1
+        getattr(server.log, level_of(failure))(
+            "handshake refused", conn=self.id, peer=self.remote[0], path=path or self.path or None, status=status,
+            reason=reason, kind=failure)
+        server.refusals.add(str(status))
 
     def _end_handshake(self) -> None:
         """An HTTP answer went into the protocol's output (the protocol is CLOSED): it ends the connection once
@@ -890,7 +922,7 @@ class ServerConnection:
         now = server.loop.now
         ws = self.ws
         if self.phase is HANDSHAKE:
-            self._refuse(408, "handshake timeout")
+            self._refuse(408, "handshake timeout", "timeout")
             return
         if self.phase is not OPEN or ws.state is not _S_OPEN:
             return
@@ -960,6 +992,9 @@ class ServerConnection:
             self.server.backlogged.discard(self)
             self._wq = None
             self._wsize = 0
+        if self._pending_answer is not None:
+            self._pending_answer.cancel()
+            self._pending_answer = None
         self.server.on_gone(self)
         # The session and the connection refer to each other: let go of it here, so that reference counting frees
         # both now (a plugin that keeps its session still has a harmless, closed one).

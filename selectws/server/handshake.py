@@ -3,12 +3,14 @@
 :func:`answer_request` takes the :class:`Request` event of a :class:`ServerProtocol`, the client's address, the
 router and an :class:`Admission` (what the server's limits and state allow right now), and returns an
 :class:`Outcome`: the :class:`Response` value to send (a 101, an HTTP answer for a plain route, or a refusal) and,
-for a 101, the route and its parameters. The order of the checks gives the most useful status: routing (404 /
-405), the upgrade itself (426 / 400 / 405 from RFC 6455 section 4.2.1), the origin allow-list (403), the
-per-address and global connection limits and draining (503), on an ``auth = "jwt"`` route the token (401 without
-one, 403 when it does not verify, 429 past ``max_connections_per_user``; ``Outcome.identity`` then says who it
-is), the plugin's own ``on_handshake`` (its status, or 500 if it raised), the subprotocol (400 when one is
-required), then permessage-deflate.
+for a 101, the route and its parameters (for a refusal, ``Outcome.failure``: the ``reason`` label of
+``selectws_handshake_failures_total``, see selectws/server/refusals.py). The order of the checks gives the most
+useful status: routing (404 / 405; an upgrade request to a path no route serves is answered ``404 no route for
+<path>`` even with static files on), the upgrade itself (426 / 400 / 405 from RFC 6455 section 4.2.1), the origin
+allow-list (403), the per-address and global connection limits and draining (503), on an ``auth = "jwt"`` route
+the token (401 without one, 403 when it does not verify, 429 past ``max_connections_per_user``;
+``Outcome.identity`` then says who it is), the plugin's own ``on_handshake`` (its status, or 500 if it raised),
+the subprotocol (400 when one is required), then permessage-deflate.
 
 A request to an endpoint that reads a body (the server API, a :class:`BodyHandler`) is decided in two steps: from
 its head (an answer at once, or ``Outcome.endpoint`` and ``body_size``: read that many bytes), then
@@ -29,7 +31,7 @@ from selectws.protocol.http11 import Headers, Request, Response, make_response
 from selectws.server.api import Accept, HandshakeRequest, Reject
 from selectws.server.auth import Identity, JwtVerifier, TokenRejected, token_from_request
 from selectws.server.proxy import client_address
-from selectws.server.routing import BodyHandler, HttpResult, Route, Router
+from selectws.server.routing import BodyHandler, HttpResult, Pending, Route, Router
 
 __all__ = ["Admission", "Outcome", "answer_body", "answer_request"]
 
@@ -71,6 +73,11 @@ class Outcome:
     body_size: int = 0
     #: Who the client is, for a 101 on an ``auth = "jwt"`` route (None elsewhere).
     identity: Identity | None = None
+    #: For an answer of 400 or more: why, as a ``reason`` label of ``selectws_handshake_failures_total``
+    #: (selectws/server/refusals.py: ``FAILURE_REASONS``; it also sets the level of the log line).
+    failure: str = ""
+    #: The body handler answers later (``response`` is a placeholder): wait for it, then :func:`answer_later`.
+    pending: Pending | None = None
 
 
 def answer_request(
@@ -84,33 +91,41 @@ def answer_request(
         endpoint = router.body_handler(request.path) if router.body_handlers else None
         if endpoint is not None:
             return _prepare_body(ws, request, remote, endpoint)
-        handler = router.http_handler(request.path)
+        # An upgrade to a path no route serves is a mistyped URL, not a static file to look for: say so.
+        handler = router.http.get(request.path)
+        if handler is None and "websocket" not in request.headers.tokens("Upgrade"):
+            handler = router.fallback
         if handler is None:
-            return _refuse(ws, remote, 404, f"no route for {request.path}")
+            return _refuse(ws, remote, 404, f"no route for {request.path}", "no_route")
         if request.method not in ("GET", "HEAD"):
-            return _refuse(ws, remote, 405, f"method {request.method} not allowed", [("Allow", "GET, HEAD")])
+            return _refuse(ws, remote, 405, f"method {request.method} not allowed", "http", [("Allow", "GET, HEAD")])
         try:
             status, headers, body = handler(request)
         except Exception as exc:
-            outcome = _refuse(ws, remote, 500, "internal error")
+            outcome = _refuse(ws, remote, 500, "internal error", "error")
             outcome.raised = exc  # the caller logs it, traceback included
             return outcome
-        return Outcome(make_response(status, headers, body, head_only=request.method == "HEAD"), remote)
+        return _http_answer(request, remote, (status, headers, body))
     route, params = matched
+    failure = "bad_request"
     try:
         check_upgrade_request(request)
         if route.origins:
             origin = (request.headers.get("Origin") or "").strip().lower().rstrip("/")
             if origin not in route.origins:
+                failure = "origin"
                 raise HandshakeError(403, f"origin {origin[:200]!r} not allowed" if origin else "Origin required")
         if admission.max_per_ip and admission.per_ip.get(remote[0], 0) >= admission.max_per_ip:
+            failure = "client_limit"
             raise HandshakeError(503, f"too many connections from {remote[0]}", _RETRY)
         if admission.max_connections and admission.open_count >= admission.max_connections:
+            failure = "limit"
             raise HandshakeError(503, "server is at its connection limit", _RETRY)
         if admission.draining:
+            failure = "draining"
             raise HandshakeError(503, "server is shutting down")
     except HandshakeError as exc:
-        return _refuse(ws, remote, exc.status, exc.reason, exc.headers)
+        return _refuse(ws, remote, exc.status, exc.reason, failure, exc.headers)
     identity = None
     if route.auth != "none":  # after the limits that cost nothing: a signature check costs a little
         refused = _authenticate(ws, request, remote, admission)
@@ -126,9 +141,9 @@ def answer_request(
             claims=identity.claims if identity is not None else None,
         ))
     except Reject as exc:
-        return _refuse(ws, remote, exc.status, exc.reason, exc.headers)
+        return _refuse(ws, remote, exc.status, exc.reason, "plugin", exc.headers)
     except Exception as exc:
-        outcome = _refuse(ws, remote, 500, "internal error")
+        outcome = _refuse(ws, remote, 500, "internal error", "error")
         outcome.raised = exc
         return outcome
     decision = decision or Accept()
@@ -136,11 +151,12 @@ def answer_request(
     subprotocol = decision.subprotocol or choose_subprotocol(request, supported)
     required = plugin.subprotocol_required if route.subprotocol_required is None else route.subprotocol_required
     if subprotocol is None and supported and required:
-        return _refuse(ws, remote, 400, f"a subprotocol is required: one of {', '.join(supported)}")
+        return _refuse(ws, remote, 400, f"a subprotocol is required: one of {', '.join(supported)}", "subprotocol")
     deflate = admission.deflate if route.compression else None
     response = ws.accept(request, subprotocol=subprotocol, deflate=deflate, headers=decision.headers)
     if response.status != 101:  # an extension offer that cannot be accepted as written
-        return Outcome(response, remote, response.body.decode("utf-8", "replace").strip().partition(" ")[2])
+        return Outcome(response, remote, response.body.decode("utf-8", "replace").strip().partition(" ")[2],
+                       failure="bad_request")
     return Outcome(response, remote, route=route, params=params, identity=identity)
 
 
@@ -154,18 +170,19 @@ def _authenticate(ws: ServerProtocol, request: Request, remote: tuple[str, int],
     says only that much; ``Outcome.reason`` (the log line) says why."""
     verifier = admission.jwt
     if verifier is None:  # the configuration checks prevent it; a Server built by hand may not
-        return _refuse(ws, remote, 500, "jwt authentication is not configured")
+        return _refuse(ws, remote, 500, "jwt authentication is not configured", "error")
     token = token_from_request(request)
     if token is None:
-        return Outcome(ws.reject(401, "authentication required", _BEARER), remote, "no token")
+        return Outcome(ws.reject(401, "authentication required", _BEARER), remote, "no token", failure="auth")
     try:
         identity = verifier.verify(token)
     except TokenRejected as exc:
-        return Outcome(ws.reject(403, "invalid token"), remote, f"invalid token: {exc.reason}")
+        return Outcome(ws.reject(403, "invalid token"), remote, f"invalid token: {exc.reason}", failure="auth")
     limit = admission.max_per_user
     if limit and admission.per_user.get(identity.user, 0) >= limit:
         return Outcome(ws.reject(429, "too many connections for this user"), remote,
-                       f"user {identity.user[:100]!r} has {limit} connections (max_connections_per_user)")
+                       f"user {identity.user[:100]!r} has {limit} connections (max_connections_per_user)",
+                       failure="client_limit")
     return identity
 
 
@@ -174,7 +191,7 @@ def _prepare_body(ws: ServerProtocol, request: Request, remote: tuple[str, int],
     try:
         decided = endpoint.prepare(request)
     except Exception as exc:
-        outcome = _refuse(ws, remote, 500, "internal error")
+        outcome = _refuse(ws, remote, 500, "internal error", "error")
         outcome.raised = exc
         return outcome
     if isinstance(decided, int):
@@ -188,25 +205,37 @@ def answer_body(request: Request, remote: tuple[str, int], endpoint: BodyHandler
         result = endpoint.handle(request, body)
     except Exception as exc:
         response = make_response(500, (), b"500 internal error\n")
-        return Outcome(response, remote, "internal error", raised=exc)
+        return Outcome(response, remote, "internal error", raised=exc, failure="error")
+    if isinstance(result, Pending):  # answered later: the caller waits for it (answer_later)
+        return Outcome(make_response(500, (), b""), remote, "", pending=result)
+    return _http_answer(request, remote, result)
+
+
+def answer_later(request: Request, remote: tuple[str, int], result: HttpResult) -> Outcome:
+    """The answer of a :class:`Pending` that :func:`answer_body` returned, once it came."""
     return _http_answer(request, remote, result)
 
 
 def _http_answer(request: Request, remote: tuple[str, int], result: HttpResult) -> Outcome:
     status, headers, body = result
     # For the log line of a refusal: the message of a JSON error object (the server API), else the first line.
-    reason = ""
+    reason = failure = ""
     if status >= 400:
+        # The handler's own answer (a /readyz 503 too; one that raised is "error"); a 401 is a credential refused
+        # (the server API's key), counted and logged as "auth".
+        failure = "auth" if status == 401 else "http"
         reason = body[:300].decode("utf-8", "replace").partition("\n")[0]
         if body[:10].startswith(b'{"error"'):
             try:
                 reason = str(json.loads(body)["error"]["message"])
             except (ValueError, KeyError, TypeError):
                 pass
-    return Outcome(make_response(status, headers, body, head_only=request.method == "HEAD"), remote, reason)
+    return Outcome(make_response(status, headers, body, head_only=request.method == "HEAD"), remote, reason,
+                   failure=failure)
 
 
 def _refuse(
-    ws: ServerProtocol, remote: tuple[str, int], status: int, reason: str, headers: list[tuple[str, str]] | None = None
+    ws: ServerProtocol, remote: tuple[str, int], status: int, reason: str, failure: str,
+    headers: list[tuple[str, str]] | None = None,
 ) -> Outcome:
-    return Outcome(ws.reject(status, reason, headers or ()), remote, reason)
+    return Outcome(ws.reject(status, reason, headers or ()), remote, reason, failure=failure)

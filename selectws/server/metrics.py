@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 
 from selectws import __version__
 from selectws.protocol.http11 import Request
+from selectws.server.refusals import FAILURE_REASONS
 from selectws.server.routing import HttpHandler, HttpResult
 from selectws.server.stats import ServerStats
 
@@ -80,6 +81,18 @@ class MetricsWriter:
         return "\n".join(self._lines) + "\n"
 
 
+def _failure_samples(stats: ServerStats) -> list[Sample]:
+    """handshake_failures_total by reason: every known reason (0 until it happens), then any other; what the
+    total has beyond the reasons (a snapshot made without them) as ``other``, so the samples still add up."""
+    reasons = stats.handshake_failure_reasons
+    samples: list[Sample] = [((("reason", r),), reasons.get(r, 0)) for r in FAILURE_REASONS]
+    samples += [((("reason", r),), n) for r, n in sorted(reasons.items()) if r not in FAILURE_REASONS]
+    rest = stats.handshake_failures - sum(reasons.values())
+    if rest > 0:
+        samples.append(((("reason", "other"),), rest))
+    return samples
+
+
 def render_metrics(stats: ServerStats) -> str:
     """Every metric of the snapshot ``stats``, formatted now."""
     w = MetricsWriter()
@@ -98,7 +111,9 @@ def render_metrics(stats: ServerStats) -> str:
               stats.accept_reserve_used)
     w.family(f"{p}http_rejected_total", "counter", "Handshakes and HTTP requests answered with an error status.",
              [((("status", str(status)),), n) for status, n in sorted(stats.rejected.items())])
-    w.counter(f"{p}handshake_failures_total", "Opening handshakes refused or timed out.", stats.handshake_failures)
+    w.family(f"{p}handshake_failures_total", "counter", "Opening handshakes refused or timed out (TLS included), "
+             "by reason: " + ", ".join(FAILURE_REASONS) + " (selectws/server/refusals.py).",
+             _failure_samples(stats))
     w.counter(f"{p}messages_received_total", "WebSocket messages received (after reassembly).", stats.messages_in)
     w.counter(f"{p}messages_sent_total", "WebSocket messages queued for sending (a broadcast counts each recipient).",
               stats.messages_out)
@@ -114,6 +129,12 @@ def render_metrics(stats: ServerStats) -> str:
     w.family(f"{p}rate_limit_closes_total", "counter", "Connections closed with 1008 for going over the route's "
              "rate limit (rate_limit_action = \"close\"), by route.",
              [((("route", path),), n) for path, n in stats.rate_limit_closes.items()])
+    w.family(f"{p}recoveries_total", "counter", "Joins that asked for what they missed (a chat login with "
+             "'since', ?since= on a broadcast route), by result: ok = every missed message replayed, lost = the "
+             "epoch changed or messages were trimmed (the client must reload its state).",
+             [((("result", result),), n) for result, n in sorted(stats.recoveries.items())])
+    w.gauge(f"{p}presence_remote_members", "Members of this instance's groups on other instances (presence).",
+            stats.remote_members)
     w.counter(f"{p}received_bytes_total", "Bytes read from client sockets.", stats.bytes_in)
     w.counter(f"{p}sent_bytes_total", "Bytes written to client sockets.", stats.bytes_out)
 

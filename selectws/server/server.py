@@ -19,26 +19,33 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from selectws.config import Config, split_host_port
+from selectws.config import Config, ConfigError, route_options_error, split_host_port
 from selectws.protocol.broadcast import SharedFrame
 from selectws.protocol.deflate import DeflateSettings
 from selectws.protocol.errors import CloseCode
 from selectws.protocol.events import Closed
 from selectws.protocol.http11 import HttpLimits, build_response
 from selectws.server.accept import OUT_OF_RESOURCES, AcceptGuard, ReserveRouter
+from selectws.server.admin import AdminConsole
 from selectws.server.api import Plugin, Session
 from selectws.server.auth import JwtVerifier
 from selectws.server.broker import Broker, BrokerFactory, Deliver, MemoryBroker
 from selectws.server.connection import ServerConnection
 from selectws.server.handshake import Admission
 from selectws.server.health import ops_handlers
+from selectws.server.history import HistoryPolicy, HistoryResult, Position, Recovery
 from selectws.server.hooks import HookLoader, Hooks
 from selectws.server.http_api import API_PREFIX, ServerApi
+from selectws.server.opsview import OpsView
+from selectws.server.options import OptionError
+from selectws.server.presence import ClusterView, Member, check_info
 from selectws.server.proxy import parse_networks
+from selectws.server.refusals import RefusalSummary
 from selectws.server.routing import Route, Router
 from selectws.server.static import static_handler
 from selectws.server.stats import Counters, ServerStats
 from selectws.server.tls_connection import TlsServerConnection
+from selectws.server.workerstats import WorkerSlot
 from selectws.transport.listen import bind_listeners, format_address
 from selectws.transport.logs import flush_logs, get_logger
 from selectws.transport.loop import EventLoop
@@ -132,6 +139,7 @@ class Server:
         hooks: HookLoader | None = None,
         api_key: Callable[[Config], str | None] | None = None,
         jwt: Callable[[Config], JwtVerifier | None] | None = None,
+        worker_stats: WorkerSlot | None = None,
     ) -> None:
         """``plugins`` finds a plugin class by its configured name; ``broker`` builds the broker (default: in
         memory); ``reload`` re-reads the configuration on SIGHUP (None: nothing to reload); ``hooks`` reads the
@@ -166,7 +174,23 @@ class Server:
         self.connections: dict[int, ServerConnection] = {}  # every accepted socket, by id
         self.sessions: dict[int, ServerConnection] = {}  # open WebSocket connections, by id
         self.groups: dict[str, dict[int, ServerConnection]] = {}
+        # Presence (selectws/server/presence.py): the info each local member joined with (by group, then connection
+        # id; only for members that have one), and what the other instances have (fed by the broker).
+        self._info: dict[str, dict[int, dict[str, Any]]] = {}
+        self.cluster = ClusterView()
+        # Groups whose first local member joined while the others' members were not known yet (a broker shared by
+        # instances): "occupied" waits until the broker heard them (presence_ready), the member that joined.
+        self._occupied_pending: dict[str, ServerConnection] = {}
+        # History (selectws/server/history.py): the routes that keep it, and which route owns a group (cached).
+        self._history_routes: list[tuple[Plugin, HistoryPolicy]] = []
+        self._owner_cache: dict[str, tuple[Plugin, HistoryPolicy] | None] = {}
+        # Members joining with recovery (by group, then connection id): while their group's history is read, live
+        # messages wait in the hold and go out after the replay; after it, the live messages the replay already
+        # had are skipped, until the live stream passes the replay's last offset (see _Hold).
+        self._held: dict[str, dict[int, _Hold]] = {}
+        self._overrun_warned_at = float("-inf")
         self.broker: Broker = (broker or _memory_broker)(self.loop, self._deliver, self.log)
+        self.broker.attach(self)
         self._ops_inherited = list(ops_sockets) if ops_sockets is not None else None  # bound by a supervisor
         self.listeners: list[Listener] = []
         # [ops] listen: health and metrics on a listener of their own that stays open while draining.
@@ -189,6 +213,7 @@ class Server:
         self.counters = Counters()
         # Out of file descriptors: the spare descriptors, the paused listeners (selectws/server/accept.py).
         self.accept_guard = AcceptGuard(self.loop, self.counters, lambda: self.log)
+        self.refusals = RefusalSummary(self.loop, lambda: self.log)  # refused handshakes: a line per minute at most
         # Hardening: sockets still in the opening handshake, open WebSockets per client address (the address
         # after trusted_proxies), and the rate limit of the "too many pending handshakes" warning.
         self.handshaking: dict[int, ServerConnection] = {}
@@ -198,6 +223,10 @@ class Server:
         self._pending_warned_at = float("-inf")
         self._shed_unlogged = 0  # connections dropped by the write buffer budget since its last warning
         self._shed_warned_at = float("-inf")
+        # The operator figures (with workers: every worker's, through worker_stats) and the admin page.
+        self.ops = OpsView(self.loop, self.stats, lambda: bool(self.listeners), lambda: self.groups, worker_stats,
+                           lambda: self.log)
+        self.admin = AdminConsole(self, self.ops, lambda: self.log)
         self.apply_config(config)
         self.loop.end_of_iteration.append(self._flush_dirty)
         self.loop.end_of_iteration.append(flush_logs)
@@ -221,6 +250,7 @@ class Server:
             accept_reserve_used=self.accept_guard.reserve_used,
             rejected=dict(c.rejected),
             handshake_failures=c.handshake_failures,
+            handshake_failure_reasons=dict(c.handshake_failure_reasons),
             messages_in=c.messages_in,
             messages_out=c.messages_out,
             plugin_errors=c.plugin_errors,
@@ -239,6 +269,8 @@ class Server:
             loop_lag_max=self.loop.max_lag,
             timers=self.loop.timer_count,
             broker=self.broker.stats(),
+            recoveries=dict(c.recoveries),
+            remote_members=sum(len(m) for m in self.cluster.groups.values()),
             hooks=self.hooks.stats() if self.hooks else (),
             **self._rate_limit_stats(),
         )
@@ -263,14 +295,25 @@ class Server:
         api_key = self._api_key_reader(config) if self._api_key_reader is not None else None  # before changes too
         jwt = self._jwt_loader(config) if self._jwt_loader is not None else None  # the [auth] key, likewise
         routes = []
-        for rc in config.routes:
+        history_routes: list[tuple[Plugin, HistoryPolicy]] = []
+        for i, rc in enumerate(config.routes):
             plugin_cls = self.find_plugin(rc.plugin)
-            plugin: Plugin = plugin_cls(self, rc.options)
+            try:
+                plugin: Plugin = plugin_cls(self, rc.options)
+            except OptionError as exc:  # a config loaded without the plugin resolver: the same error as with it
+                raise route_options_error(i, rc, exc) from exc
+            if rc.history_size:
+                if type(plugin).owns_group is Plugin.owns_group:
+                    raise ConfigError(f"routes[{i}].history_size", f"plugin {rc.plugin!r} does not say which groups "
+                                      "are its own (Plugin.owns_group), so no history can be kept for it")
+                history_routes.append((plugin, HistoryPolicy(rc.history_size, rc.history_ttl)))
             compression = config.compression.enabled if rc.compression is None else rc.compression
             routes.append(Route(rc.path, plugin, rc.plugin, tuple(rc.subprotocols), compression,
                                 frozenset(rc.origins), rc.subprotocol_required, **rc.rate_limit(config.limits),
                                 auth=rc.auth))
         self.config = config
+        self._history_routes = history_routes
+        self._owner_cache = {}
         self.log = get_logger("selectws.server").bind()  # picks up a reconfigured level or format
         if tls_context is not self.tls_context and tls_context is not None:
             self.log.info("tls certificate loaded", cert=config.tls.cert, key=config.tls.key,
@@ -296,7 +339,7 @@ class Server:
         self.router = Router(routes, previous.http if previous else None, previous.fallback if previous else None)
         base = os.path.dirname(os.path.abspath(config.source)) if config.source else None
         self.router.fallback = static_handler(config.static, base=base, warn=self.log.warning)
-        self._apply_ops(config)
+        self._apply_ops(config, api_key)
         self._apply_api(config, api_key)
         if hook_targets and self.hooks is None:
             self.hooks = Hooks(self.loop, lambda: self.log)
@@ -328,9 +371,10 @@ class Server:
         base = os.path.dirname(os.path.abspath(config.source)) if config.source else None
         return build_context(config.tls, base)
 
-    def _apply_ops(self, config: Config) -> None:
-        """(Re)register /healthz and /metrics: on the WebSocket router, or on the operator listener's."""
-        handlers = ops_handlers(self.stats, config.ops)
+    def _apply_ops(self, config: Config, api_key: str | None = None) -> None:
+        """(Re)register /healthz, /readyz and /metrics: on the WebSocket router, or on the operator listener's, there
+        with the admin page (``[ops] admin``, selectws/server/admin.py) when it is on."""
+        handlers = ops_handlers(self.stats, config.ops, self.ops)
         if self._ops_listen is None:
             self._ops_listen = config.ops.listen
         elif config.ops.listen != self._ops_listen:
@@ -339,7 +383,11 @@ class Server:
         for path in self._ops_paths:
             self.router.http.pop(path, None)
         if self._ops_listen:
-            self.ops_router.http = handlers
+            self.admin.configure(config.ops.admin, api_key)
+            self.ops_router = Router(self.admin.routes(), {**handlers, **self.admin.http_handlers()})
+            self.ops_router.body_handlers.update(self.admin.body_handlers())
+            for listener in self.ops_listeners:  # a new router (its WebSocket routes are fixed when built)
+                listener.router = self.ops_router
             self._ops_paths = []
         else:
             self.router.http.update(handlers)
@@ -350,7 +398,9 @@ class Server:
         when no key is configured."""
         self.api = ServerApi(self, key, config.limits.max_message_size, self.log) if key else None
         router = self.ops_router if self._ops_listen else self.router
-        router.body_handlers = {API_PREFIX: self.api} if self.api is not None else {}
+        router.body_handlers.pop(API_PREFIX, None)  # the others (the admin login) are _apply_ops's
+        if self.api is not None:
+            router.body_handlers[API_PREFIX] = self.api
 
     # ------------------------------------------------------------------ listening
     def start(self) -> None:
@@ -516,6 +566,8 @@ class Server:
 
     def on_open(self, conn: ServerConnection) -> None:
         """``conn`` completed its opening handshake."""
+        if conn.router is not None:  # the admin feed on the operator listener: the operator's, not a client
+            return
         self.sessions[conn.id] = conn
         self.handshaking.pop(conn.id, None)
         ip = conn.remote[0]
@@ -605,21 +657,113 @@ class Server:
         return len(self.sessions)
 
     # ------------------------------------------------------------------ ServerAPI for plugins
-    def join(self, session: Session, group: str) -> None:
+    def join(self, session: Session, group: str, *, info: dict[str, Any] | None = None,
+             since: Position | None = None, then: Callable[[Recovery], None] | None = None) -> None:
+        """Add ``session`` to ``group`` (see :meth:`ServerAPI.join`): ``info`` is its presence info; with ``then``,
+        the group's position is read first (and with ``since`` what the session missed is replayed), live messages
+        meanwhile wait, and ``then`` gets the :class:`Recovery` before they go out."""
+        if "\x00" in group:
+            raise ValueError("a group name cannot contain NUL")
         conn = self.sessions.get(_local_id(session))
         if conn is None or conn.session is None:
             return
+        details = check_info(info) if info is not None else None
         members = self.groups.get(group)
         if members is None:
             members = self.groups[group] = {}
             self.broker.subscribe(group)
-        if self.hooks and conn.id not in members:
-            self.hooks.join(conn, group, first=not members)
+        new = conn.id not in members
+        if self.hooks and new:
+            first = not members and group not in self.cluster.groups
+            if first and self.broker.kind != "memory":  # the other instances may have members: ask first
+                self._occupied_pending[group] = conn
+                first = False
+            self.hooks.join(conn, group, first=first)
         members[conn.id] = conn
+        if details is not None:
+            self._info.setdefault(group, {})[conn.id] = details
         own = conn.session
         if own._groups is None:
             own._groups = set()
         own._groups.add(group)
+        if new or details is not None:
+            self.broker.presence_join(group, self._member(conn, group))
+        if then is None and since is None:
+            return
+        owner = self._owner(group)
+        if owner is None:  # no history here: nothing to replay, no position
+            if then is not None:
+                self._call_plugin(conn, then, Recovery(None, None, None if since is None else False))
+            return
+        plugin, policy = owner
+        self._held.setdefault(group, {})[conn.id] = _Hold()
+        self.broker.history(group, policy, since.offset if since is not None else None, policy.size,
+                            lambda result: self._recovered(conn, group, plugin, since, then, result))
+
+    def _recovered(self, conn: ServerConnection, group: str, plugin: Plugin, since: Position | None,
+                   then: Callable[[Recovery], None] | None, result: HistoryResult) -> None:
+        """The history read of a join is in: replay what was missed, hand over the position, release what waited."""
+        held_group = self._held.get(group)
+        hold = held_group.pop(conn.id, None) if held_group is not None else None
+        if held_group is not None and not held_group:
+            del self._held[group]
+        if conn.session is None or conn.id not in self.groups.get(group, {}):
+            return  # closed, or left the group, meanwhile
+        epoch = result.epoch
+        last = result.offset
+        recovered: bool | None = None
+        missed = 0
+        render = plugin.with_position
+        if since is not None:
+            recovered = result.error is None and since.epoch == epoch and result.complete_since(since.offset)
+            counters = self.counters
+            if recovered:
+                counters.recoveries["ok"] += 1
+                for offset, message in result.messages:
+                    if offset > since.offset:
+                        conn.send_message(render(group, message, offset, epoch))
+                        missed += 1
+                counters.messages_out += missed
+            else:
+                counters.recoveries["lost"] += 1
+        if then is not None:
+            self._call_plugin(conn, then, Recovery(epoch if result.error is None else "", last, recovered, missed,
+                                                   result.error))
+        if conn.session is None or conn.id not in self.groups.get(group, {}):
+            return
+        caught_up = result.error is not None
+        for offset, message_epoch, message in hold.buffer if hold is not None else ():
+            if not offset or offset > last or message_epoch != epoch:
+                conn.send_message(render(group, message, offset, message_epoch) if offset else message)
+                self.counters.messages_out += 1
+                caught_up = caught_up or bool(offset)
+        if not caught_up:  # live messages the read already had may still come: skip them (and only them)
+            self._held.setdefault(group, {})[conn.id] = _Hold(last, epoch)
+
+    def _hold_overrun(self, group: str, conn_id: int) -> None:
+        """More live messages than :data:`HOLD_MAX` came while a member's history was read: memory stays bounded,
+        the member is closed with 1013 (try again later) and reconnects; logged once per 10 s at most."""
+        held = self._held.get(group)
+        if held is not None:
+            held.pop(conn_id, None)
+            if not held:
+                del self._held[group]
+        conn = self.groups.get(group, {}).get(conn_id)
+        if conn is None:
+            return
+        self.counters.recoveries["overrun"] = self.counters.recoveries.get("overrun", 0) + 1
+        now = self.loop.now
+        if now - self._overrun_warned_at >= 10.0:
+            self._overrun_warned_at = now
+            self.log.warning("recovery overrun: live messages outgrew the hold while the history was read; closing "
+                             "with 1013", group=group, conn=conn_id, limit=HOLD_MAX)
+        conn.close(CloseCode.TRY_AGAIN_LATER, "recovery overrun, reconnect")
+
+    def _call_plugin(self, conn: ServerConnection, callback: Callable[[Recovery], None], recovery: Recovery) -> None:
+        try:
+            callback(recovery)
+        except Exception:
+            conn._plugin_error("join callback")
 
     def leave(self, session: Session, group: str) -> None:
         members = self.groups.get(group)
@@ -628,24 +772,159 @@ class Server:
         conn = members.pop(_local_id(session), None)
         if conn is not None and conn.session is not None and conn.session._groups is not None:
             conn.session._groups.discard(group)
+        held = self._held.get(group)
+        if held is not None and conn is not None:
+            held.pop(conn.id, None)
+            if not held:
+                del self._held[group]
+        member = self._member(conn, group) if conn is not None else None
+        info = self._info.get(group)
+        if info is not None and conn is not None:
+            info.pop(conn.id, None)
+            if not info:
+                del self._info[group]
+        # The cluster's last member (as far as we know); not when "occupied" was never sent (still pending).
+        last = not members and group not in self.cluster.groups and self._occupied_pending.pop(group, None) is None
+        if member is not None:
+            self.broker.presence_leave(group, member)
         if not members:
             del self.groups[group]
             self.broker.unsubscribe(group)
+            self.cluster.forget(group)  # its deltas stop coming: the view would go stale
         if conn is not None and self.hooks:
-            self.hooks.leave(conn, group, last=not members)
+            self.hooks.leave(conn, group, last=last)
 
     def members(self, group: str) -> list[Session]:
         return [conn.session for conn in self.groups.get(group, {}).values() if conn.session is not None]
 
+    def _member(self, conn: ServerConnection, group: str) -> Member:
+        session = conn.session
+        info = self._info.get(group)
+        return Member(f"{self.instance_id}.{conn.id}", self.instance_id, session.user if session is not None else None,
+                      (info.get(conn.id) if info else None) or {})
+
+    def presence(self, group: str) -> list[Member]:
+        """Every member of ``group`` on every instance: this instance's, then the others' (as the broker last told
+        us; exact for the groups this instance has members in)."""
+        local = [self._member(conn, group) for conn in self.groups.get(group, {}).values()]
+        return local + self.cluster.members(group)
+
+    def local_presence(self, group: str) -> list[Member]:
+        return [self._member(conn, group) for conn in self.groups.get(group, {}).values()]
+
+    def follows(self, group: str) -> bool:
+        return group in self.groups
+
+    def presence_query(self, group: str, callback: Callable[[list[Member]], None]) -> None:
+        self.broker.presence_query(group, callback)
+
+    def local_groups(self) -> list[str]:
+        return list(self.groups)
+
+    def presence_ready(self, group: str) -> None:
+        """The broker heard the other instances' members of ``group`` (or gave up): send a pending "occupied"."""
+        conn = self._occupied_pending.pop(group, None)
+        members = self.groups.get(group)
+        if conn is None or not members or group in self.cluster.groups or not self.hooks:
+            return
+        if conn.id not in members:
+            conn = next(iter(members.values()))
+        self.hooks.emit("occupied", conn, group=group)
+
+    def local_count(self, group: str, exclude: frozenset[int]) -> int:
+        """How many local members of ``group`` a message excluding ``exclude`` reaches."""
+        members = self.groups.get(group)
+        return sum(1 for conn_id in members if conn_id not in exclude) if members else 0
+
+    def presence_gone(self, group: str, gone: list[Member]) -> None:
+        """Members of another instance vanished from ``group`` (the instance died, or its snapshot no longer has
+        them). One instance tells the plugins: the one with the smallest id among those that still have members in
+        the group, so that the chat says ``left`` once, not once per instance."""
+        members = self.groups.get(group)
+        if not members or not gone:
+            return
+        if min(self.cluster.instances(group) | {self.instance_id}) != self.instance_id:
+            return
+        plugins: dict[int, Plugin] = {}
+        for conn in members.values():
+            if conn.route is not None:
+                plugins.setdefault(id(conn.route.plugin), conn.route.plugin)
+        for plugin in plugins.values():
+            try:
+                plugin.on_presence_gone(group, list(gone))
+            except Exception:
+                self.log.exception("plugin raised in on_presence_gone", group=group)
+                self.counters.plugin_errors += 1
+
+    def history(self, group: str, since: int | None, limit: int, callback: Callable[[HistoryResult], None]) -> None:
+        """Read ``group``'s history (see :meth:`ServerAPI.history`); :class:`LookupError` when no route keeps it."""
+        owner = self._owner(group)
+        if owner is None:
+            raise LookupError(f"no route keeps history for group {group!r}")
+        policy = owner[1]
+        self.broker.history(group, policy, since, max(1, min(limit, policy.size)), callback)
+
+    def history_policy(self, group: str) -> HistoryPolicy | None:
+        owner = self._owner(group)
+        return owner[1] if owner is not None else None
+
+    def _owner(self, group: str) -> tuple[Plugin, HistoryPolicy] | None:
+        """The route (its plugin and history policy) whose groups include ``group``, when one keeps history."""
+        cache = self._owner_cache
+        try:
+            return cache[group]
+        except KeyError:
+            pass
+        found = None
+        for plugin, policy in self._history_routes:
+            if plugin.owns_group(group):
+                found = (plugin, policy)
+                break
+        if len(cache) >= 10000:
+            cache.clear()
+        cache[group] = found
+        return found
+
     def broadcast(self, group: str, message: str | bytes, exclude: Session | Iterable[Session] | None = None) -> int:
+        routes = self._history_routes
+        if routes:
+            owner = self._owner(group)
+            if owner is not None:
+                return self.broker.publish(group, message, _exclude_ids(exclude), owner[1])
         return self.broker.publish(group, message, _exclude_ids(exclude))
 
-    def _deliver(self, group: str, message: str | bytes, exclude: frozenset[int]) -> int:
+    def _deliver(self, group: str, message: str | bytes, exclude: frozenset[int], offset: int = 0,
+                 epoch: str = "") -> int:
         """Local delivery of a group message: each wire form is framed once, and the same bytes object is
-        queued on every member that takes it (:class:`SharedFrame`)."""
+        queued on every member that takes it (:class:`SharedFrame`). A message with an offset (history) is first
+        put in the shape its route gives it (:meth:`Plugin.with_position`)."""
         members = self.groups.get(group)
         if not members:
             return 0
+        if self._held:
+            held = self._held.get(group)
+            if held:  # members joining with recovery: see _Hold
+                skip = []
+                for conn_id, hold in list(held.items()):
+                    if hold.floor is None:  # its history is being read: the message waits for the replay
+                        if conn_id not in exclude:
+                            if len(hold.buffer) >= HOLD_MAX:  # the read takes too long for this much traffic
+                                self._hold_overrun(group, conn_id)
+                            else:
+                                hold.buffer.append((offset, epoch, message))
+                        skip.append(conn_id)
+                    elif offset and offset <= hold.floor and epoch == hold.epoch:
+                        skip.append(conn_id)  # the replay had it
+                    else:  # the live stream passed the replay: live from now on
+                        del held[conn_id]
+                if not held:
+                    self._held.pop(group, None)
+                if skip:
+                    exclude = exclude.union(skip)
+        if offset:
+            owner = self._owner(group)
+            if owner is not None:
+                message = owner[0].with_position(group, message, offset, epoch)
         settings = self.deflate_settings
         shared = SharedFrame(message, settings.memory_level if settings is not None else 8)
         plain = shared.plain
@@ -760,6 +1039,25 @@ class Server:
         self.loop.call_later(5.0, self._status_tick)
 
 
+#: Live messages a member joining with recovery may have waiting while its group's history is read (with Redis, one
+#: round trip, at most [broker] health_timeout); past it the member is closed with 1013 and reconnects.
+HOLD_MAX = 10_000
+
+
+class _Hold:
+    """A member joining with recovery. While its group's history is read (``floor`` None) the group's live messages
+    wait in ``buffer`` as ``(offset, epoch, message)``. After the replay, the live stream may still bring messages the
+    read already had (with Redis, the read's answer and the live messages come on two connections): ``floor`` is the
+    read's last offset, and live messages at or below it are skipped until one above it arrives."""
+
+    __slots__ = ("buffer", "epoch", "floor")
+
+    def __init__(self, floor: int | None = None, epoch: str = "") -> None:
+        self.floor = floor
+        self.epoch = epoch
+        self.buffer: list[tuple[int, str, str | bytes]] = []
+
+
 def _exclude_ids(exclude: Session | Iterable[Session] | None) -> frozenset[int]:
     if exclude is None:
         return frozenset()
@@ -776,4 +1074,4 @@ def _local_id(session: Session) -> int:
 
 
 def _memory_broker(loop: EventLoop, deliver: Deliver, log: Any) -> Broker:
-    return MemoryBroker(deliver)
+    return MemoryBroker(deliver, lambda: loop.now)

@@ -22,12 +22,14 @@ class Counters:
         "close_codes",
         "closed_bytes_in",
         "closed_bytes_out",
+        "handshake_failure_reasons",
         "handshake_failures",
         "messages_in",
         "messages_out",
         "plugin_errors",
         "rate_limit_closes",
         "rate_limited",
+        "recoveries",
         "rejected",
         "slow_consumers_dropped",
     )
@@ -37,6 +39,7 @@ class Counters:
         self.accept_errors = 0
         self.rejected: dict[int, int] = {}
         self.handshake_failures = 0
+        self.handshake_failure_reasons: dict[str, int] = {}  # the same, by reason (selectws/server/refusals.py)
         self.messages_in = 0
         self.messages_out = 0
         self.plugin_errors = 0
@@ -47,6 +50,7 @@ class Counters:
         self.closed_bytes_out = 0
         self.rate_limited: dict[str, int] = {}  # route path -> messages refused by its rate limit
         self.rate_limit_closes: dict[str, int] = {}  # route path -> connections closed (1008) for going over it
+        self.recoveries = {"ok": 0, "lost": 0}  # joins with a position: everything replayed, or history lost
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,12 @@ class ServerStats:
     # refused (dropped, or the one that closed the connection), and connections closed with 1008 for it.
     rate_limited: dict[str, int] = field(default_factory=dict)
     rate_limit_closes: dict[str, int] = field(default_factory=dict)
+    # History (selectws/server/history.py): joins that asked to recover, by result ("ok": every missed message
+    # replayed; "lost": the epoch changed or messages were trimmed), and the groups presence knows on other instances.
+    recoveries: dict[str, int] = field(default_factory=lambda: {"ok": 0, "lost": 0})
+    remote_members: int = 0
+    # handshake_failures by reason (the FAILURE_REASONS of selectws/server/refusals.py); they add up to it.
+    handshake_failure_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
     def connections_open(self) -> int:

@@ -29,6 +29,7 @@ import ssl
 from typing import TYPE_CHECKING
 
 from selectws.server.connection import HANDSHAKE, ServerConnection
+from selectws.server.refusals import tls_failure_level
 from selectws.transport.tls import step_tls_handshake
 
 if TYPE_CHECKING:
@@ -91,8 +92,13 @@ class TlsServerConnection(ServerConnection):
 
     def _tls_failed(self, reason: str) -> None:
         server = self.server
-        server.counters.handshake_failures += 1
-        server.log.warning("tls handshake failed", conn=self.id, peer=self.remote[0], reason=reason)
+        counters = server.counters
+        counters.handshake_failures += 1
+        counters.handshake_failure_reasons["tls"] = counters.handshake_failure_reasons.get("tls", 0) + 1
+        # debug (scanners, plain HTTP on this port), warning when the client refused our certificate: refusals.py
+        getattr(server.log, tls_failure_level(reason))("tls handshake failed", conn=self.id, peer=self.remote[0],
+                                                      reason=reason)
+        server.refusals.add("tls")
         self._close_socket()
 
     def _on_timer(self) -> None:

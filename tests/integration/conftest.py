@@ -89,7 +89,7 @@ class Daemon:
     """One ``selectws serve`` subprocess and everything it logged."""
 
     def __init__(self, config: Path | None = None, *, cwd: Path, allow_errors: bool = False,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), env: dict[str, str | None] | None = None) -> None:
         self.config = config
         self.allow_errors = allow_errors
         self.records: list[dict[str, Any]] = []
@@ -102,9 +102,14 @@ class Daemon:
         if config is not None:
             args += ["--config", str(config)]
         self.args = args
+        environ = subprocess_env()
+        for name, value in (env or {}).items():  # extra variables; None removes one
+            if value is None:
+                environ.pop(name, None)
+            else:
+                environ[name] = value
         self.proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
-            env=subprocess_env(),
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=environ,
         )
         self._threads = [
             threading.Thread(target=self._read_stderr, daemon=True, name="selectws-stderr"),
@@ -257,10 +262,11 @@ class DaemonFactory:
         return path
 
     def __call__(self, config: str | Path | None = None, *, allow_errors: bool = False,
-                 extra_args: tuple[str, ...] = ()) -> Daemon:
-        """Start a daemon; ``config`` is a TOML text (written to a file) or a path."""
+                 extra_args: tuple[str, ...] = (), env: dict[str, str | None] | None = None) -> Daemon:
+        """Start a daemon; ``config`` is a TOML text (written to a file) or a path; ``env`` adds variables to its
+        environment (``None`` removes one)."""
         path = self.write_config(config) if isinstance(config, str) else config
-        daemon = Daemon(path, cwd=self.tmp, allow_errors=allow_errors, extra_args=extra_args)
+        daemon = Daemon(path, cwd=self.tmp, allow_errors=allow_errors, extra_args=extra_args, env=env)
         self.daemons.append(daemon)
         return daemon
 

@@ -470,7 +470,7 @@ def _no_listening(proc) -> None:
         ("[timeouts]\nhandshake = 0\n", "timeouts.handshake"),
         ("[server]\nbacklog = \"lots\"\n", "server.backlog"),
         ('[[routes]]\npath = "/x"\nplugin = "no_such_plugin_anywhere"\n', "routes[0].plugin"),
-        ("this is not toml", "<file>"),
+        ("this is not toml", "bad.toml:1:6: invalid TOML: "),  # FILE:LINE:COLUMN: (issue 16)
     ],
     ids=["unknown-key", "typo-key", "zero-timeout", "wrong-type", "unknown-plugin", "not-toml"],
 )

@@ -49,7 +49,7 @@ def test_slowloris_dribblers_are_cut_and_others_served(start_daemon) -> None:
     daemon = start_daemon("""
         [timeouts]
         handshake = 1
-    """)
+    """, extra_args=("--log-level", "debug"))  # a 408 is logged at debug (selectws/server/refusals.py)
     request = upgrade_request("/echo", key=ws_key())
     socks = []
     for _ in range(200):

@@ -98,7 +98,8 @@ key = "server.key"
 def tls_daemon(module_start_daemon):
     """One daemon on wss:// with a relative cert path (resolved against the config file's folder)."""
     make_cert(module_start_daemon.tmp, "server")
-    return module_start_daemon(TLS_TOML)
+    # debug: failed TLS handshakes other than certificate alerts are logged at debug (selectws/server/refusals.py)
+    return module_start_daemon(TLS_TOML, extra_args=("--log-level", "debug"))
 
 
 @pytest.fixture(scope="module")

@@ -180,7 +180,9 @@ def test_handshake_answer_that_is_not_http() -> None:
 
 
 @pytest.mark.parametrize(
-    ("answer", "how"), [(b"", "without answering"), (b"HTTP/1.1 101 Switching Protocols\r\nUpg", "mid-answer")]
+    ("answer", "how"),
+    [(b"", "without answering (is it wss://? a TLS port drops a plain-text request like this)"),
+     (b"HTTP/1.1 101 Switching Protocols\r\nUpg", "mid-answer")],
 )
 def test_handshake_server_closes(answer: bytes, how: str) -> None:
     status, _, err, _, _ = _run(lambda _head: answer, hang_up=True)

@@ -78,7 +78,8 @@ def test_render_metrics_reads_the_snapshot() -> None:
         accepted=7, accept_errors=1, messages_in=11, messages_out=13, rejected={404: 2, 400: 1},
         close_codes={1000: 4, 1001: 1}, bytes_in=100, bytes_out=200, loop_lag_max=0.5, loop_iterations=9,
         timers=5, sockets_open=4, groups=2, write_buffer_bytes=300, plugin_errors=3, slow_consumers_dropped=6,
-        handshake_failures=8, open_by_route={"/echo": 2, "/chat": 1},
+        handshake_failures=8, handshake_failure_reasons={"no_route": 2, "bad_request": 5},
+        open_by_route={"/echo": 2, "/chat": 1},
     )
     samples = _samples(render_metrics(stats))
     assert samples[("selectws_connections_accepted_total", ())] == 7
@@ -99,7 +100,12 @@ def test_render_metrics_reads_the_snapshot() -> None:
     assert samples[("selectws_write_buffer_bytes", ())] == 300
     assert samples[("selectws_plugin_errors_total", ())] == 3
     assert samples[("selectws_slow_consumers_dropped_total", ())] == 6
-    assert samples[("selectws_handshake_failures_total", ())] == 8
+    # by reason; every known reason is there from the start, and what the reasons lack is "other"
+    assert samples[("selectws_handshake_failures_total", (("reason", "no_route"),))] == 2
+    assert samples[("selectws_handshake_failures_total", (("reason", "bad_request"),))] == 5
+    assert samples[("selectws_handshake_failures_total", (("reason", "tls"),))] == 0
+    assert samples[("selectws_handshake_failures_total", (("reason", "other"),))] == 1
+    assert sum(v for (name, _), v in samples.items() if name == "selectws_handshake_failures_total") == 8
     assert samples[("selectws_connections_open", (("route", "/echo"),))] == 2
     assert samples[("selectws_connections_open", (("route", "/chat"),))] == 1
     assert samples[("selectws_draining", ())] == 0
@@ -225,10 +231,11 @@ def test_reload_moves_and_removes_endpoints(server: Server) -> None:
 
 def test_reload_with_a_failing_plugin_keeps_the_running_config(server: Server) -> None:
     before_router, before_config = server.router, server.config
-    # Valid for the configuration loader; the chat plugin's constructor is what refuses the option.
+    # Loaded without the plugin resolver, so the loader did not check the options: the chat plugin refuses them.
     broken = parse_config({"routes": [{"path": "/x", "plugin": "chat", "options": {"max_name_length": "many"}}]})
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError) as info:
         server.apply_config(broken)
+    assert info.value.key == "routes[0] (/x).options.max_name_length"
     assert server.router is before_router
     assert server.config is before_config
 

@@ -29,6 +29,7 @@ from selectws.brokers import broker_factory
 from selectws.config import Config, ConfigError, load_config
 from selectws.config.printing import render_effective
 from selectws.plugins.registry import find_plugin
+from selectws.protocol.frames import SPEEDUPS
 from selectws.server.server import Server
 from selectws.transport.logs import configure_logging, get_logger
 from selectws.transport.tls import build_context
@@ -94,7 +95,11 @@ def _overrides(host: str | None, port: int | None, log_level: str | None, log_fo
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "--version", "-V", prog_name="selectws")
+@click.version_option(
+    __version__, "--version", "-V", prog_name="selectws",
+    # Which WebSocket masking is active: "C" (the optional extension) or "off, pure Python (why)".
+    message=f"%(prog)s, version %(version)s (speedups: {SPEEDUPS})",
+)
 def main() -> None:
     """selectws: a WebSocket server daemon on one selectors loop."""
 

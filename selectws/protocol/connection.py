@@ -42,7 +42,15 @@ from typing import Protocol
 
 from selectws.protocol.errors import CloseCode, ProtocolError, is_valid_close_code
 from selectws.protocol.events import Closed, Event, Message, Ping, Pong
-from selectws.protocol.frames import encode_close_payload, encode_header, mask_payload, parse_close_payload
+from selectws.protocol.frames import (
+    BytesPayload,
+    Payload,
+    PayloadBuffer,
+    encode_close_payload,
+    encode_header,
+    mask_payload,
+    parse_close_payload,
+)
 
 __all__ = ["CLIENT", "SERVER", "Connection", "Extension", "Role", "State"]
 
@@ -68,7 +76,7 @@ class State(Enum):
 class Extension(Protocol):
     """What the connection needs of a negotiated permessage-deflate (see :mod:`selectws.protocol.deflate`)."""
 
-    def decompress(self, payload: bytes, max_size: int) -> bytes: ...
+    def decompress(self, payload: bytes | bytearray, max_size: int) -> bytes: ...
 
     def compress(self, payload: bytes) -> bytes: ...
 
@@ -77,6 +85,10 @@ class Extension(Protocol):
 
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 _BATCH_XOR_MAX = 32768  # reads up to this size are unmasked with one big-integer XOR
+#: A data frame at least this large that is still incomplete at the end of a read is received in streaming mode
+#: (``_Large``): each read is unmasked straight into a buffer sized from the header, with no growing input buffer
+#: and no copy of the masked bytes.
+_STREAM_MIN = 32768
 _TEXT_HEADERS = [bytes((0x81, n)) for n in range(126)]
 _BINARY_HEADERS = [bytes((0x82, n)) for n in range(126)]
 _ZEROS = [bytes(n) for n in range(15)]  # key filler over frame headers (2 to 14 bytes, less the overshoot)
@@ -99,6 +111,7 @@ class Connection:
         "_frag_opcode",
         "_frag_size",
         "_held",
+        "_large",
         "_mask_source",
         "_out",
         "_out_spare",
@@ -172,6 +185,7 @@ class Connection:
         #: frame is queued at once. A header announcing more than this is refused at once, as before.
         self.max_discard = 0
         self._skip: _Skip | None = None  # the rest of the oversized message being skipped, and our held close frame
+        self._large: _Large | None = None  # a large frame arriving over several reads (_STREAM_MIN)
 
     # ------------------------------------------------------------------ receiving
 
@@ -191,6 +205,12 @@ class Connection:
             return []
         if state is _CONNECTING:
             return self._receive_handshake(data)
+        events: list[Event] = []
+        if self._large is not None:  # the rest of a large frame: unmasked straight into its buffer
+            rest = self._receive_large(data, events)
+            if rest is None:
+                return events
+            data = rest  # what followed the completed frame in this read is parsed as usual
         buf: bytes | bytearray
         if self._buf:
             self._buf += data
@@ -198,7 +218,6 @@ class Connection:
         else:
             # One copy of the whole read is cheaper than two small copies per frame out of a memoryview.
             buf = data.tobytes() if type(data) is memoryview else data
-        events: list[Event] = []
         append = events.append
         end = len(buf)
         pos = 0
@@ -214,6 +233,8 @@ class Connection:
         frag_text = self._frag_decoder is not None  # an uncompressed text message is in progress
         frag_compressed = self._frag_compressed
         partial_at = -1  # offset of the mask of an incomplete text frame, for the fail-fast check
+        stream_at = -1  # offset of the mask (or payload) of an incomplete large frame, to receive in streaming mode
+        stream_b0 = stream_length = 0
         error: ProtocolError | None = None
         budget = self.max_frames
         try:
@@ -279,7 +300,9 @@ class Connection:
                         )
                 if expect_mask:
                     if end - i < length + 4:
-                        if end - i > 4 and ((opcode == 0x01 and not b0 & 0x40) or (opcode == 0 and frag_text)):
+                        if length >= _STREAM_MIN and end - i >= 4:
+                            stream_at, stream_b0, stream_length = i, b0, length
+                        elif end - i > 4 and ((opcode == 0x01 and not b0 & 0x40) or (opcode == 0 and frag_text)):
                             partial_at = i
                         break
                     if i + 4 + length <= _BATCH_XOR_MAX:  # key material only for the one-XOR path
@@ -291,7 +314,9 @@ class Connection:
                     pos = i + 4 + length
                 else:
                     if end - i < length:
-                        if end > i and ((opcode == 0x01 and not b0 & 0x40) or (opcode == 0 and frag_text)):
+                        if length >= _STREAM_MIN:
+                            stream_at, stream_b0, stream_length = i, b0, length
+                        elif end > i and ((opcode == 0x01 and not b0 & 0x40) or (opcode == 0 and frag_text)):
                             partial_at = i
                         break
                     frames.append((b0, i, length))
@@ -360,8 +385,12 @@ class Connection:
                 raise error
             if partial_at >= 0 and self.state is _OPEN:
                 self._check_partial_text(buf, partial_at, end)
+            elif stream_at >= 0 and self.state is not _CLOSED:
+                self._start_large(buf, stream_at, end, stream_b0, stream_length)
+                pos = end  # all of it is in the large frame's buffer now
         except ProtocolError as exc:
             self._buf = b""
+            self._large = None
             self.input_pending = False
             if exc is error and exc.code == CloseCode.MESSAGE_TOO_BIG and self.max_discard and self.state is _OPEN:
                 # A header announced too much: the peer is still sending that message. Its rest (from the header
@@ -453,6 +482,81 @@ class Connection:
         self._frag_decoder = None
         self._partial_decoder = None
         self._skip = None
+        self._large = None
+
+    # ------------------------------------------------------------------ large frames, streamed
+
+    def _start_large(self, buf: bytes | bytearray, i: int, end: int, b0: int, length: int) -> None:
+        """Receive the large frame whose header ends at ``i`` in streaming mode (its limits are already checked):
+        a buffer of its payload's size, and what of it is here already unmasked into it."""
+        opcode = b0 & 0x0F
+        decoder: codecs.IncrementalDecoder | None = None
+        if (opcode == 0x01 and not b0 & 0x40) or (opcode == 0 and self._frag_decoder is not None):
+            decoder = _Utf8Decoder()  # fail fast on invalid UTF-8 while the frame arrives (section 8.1)
+            if opcode == 0 and self._frag_decoder is not None:
+                decoder.setstate(self._frag_decoder.getstate())
+        mask: bytes | None = None
+        if self._expect_mask:
+            mask = bytes(buf[i : i + 4])
+            i += 4
+        # A whole binary message, the common case, is unmasked straight into the bytes it is delivered as (with
+        # the C speedups); anything else into a bytearray (text is checked as it comes, fragments are joined).
+        payload = BytesPayload(length, mask) if b0 == 0x82 else PayloadBuffer(length, mask)
+        large = _Large(b0, payload, decoder)
+        self._large = large
+        if end > i:
+            with memoryview(buf) as view:
+                self._feed_large(large, view[i:end])
+
+    def _feed_large(self, large: _Large, chunk: memoryview) -> int:
+        """Unmask (a client's frame) or copy the start of ``chunk`` into the large frame's buffer, as much of it as
+        the frame still misses; returns how much that was."""
+        payload = large.payload
+        decoder = large.decoder
+        if decoder is None:
+            return payload.feed(chunk)
+        assert isinstance(payload, PayloadBuffer) and payload.buf is not None
+        start = payload.filled
+        n = payload.feed(chunk)
+        with memoryview(payload.buf) as view:
+            try:
+                decoder.decode(view[start : start + n], False)
+            except UnicodeDecodeError:
+                raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message") from None
+        return n
+
+    def _receive_large(
+        self, data: bytes | bytearray | memoryview, events: list[Event]
+    ) -> bytes | bytearray | memoryview | None:
+        """The next read of the large frame in progress: into its buffer, and once it is complete, its event.
+        Returns what followed the frame in ``data``, or None when nothing more is to be parsed now (the frame is
+        still incomplete, or it failed the connection)."""
+        large = self._large
+        assert large is not None
+        try:
+            with memoryview(data) as view:
+                took = self._feed_large(large, view)
+            payload = large.payload
+            if payload.missing:
+                return None
+            self._large = None
+            b0 = large.b0
+            if b0 == 0x82:
+                events.append(Message(payload.take()))
+            else:
+                assert isinstance(payload, PayloadBuffer) and payload.buf is not None
+                if b0 == 0x81:
+                    try:
+                        events.append(Message(payload.buf.decode("utf-8")))
+                    except UnicodeDecodeError:
+                        raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message") from None
+                else:
+                    self._data_frame(b0, b0 & 0x0F, payload.buf, events.append)
+        except ProtocolError as exc:
+            self._large = None
+            events.append(self._fail(exc.code, exc.reason))
+            return None
+        return data[took:] if took < len(data) else b""
 
     def _check_partial_text(self, buf: bytes | bytearray | memoryview, i: int, end: int) -> None:
         """Validate the part of an incomplete text frame that is already here (fail fast, RFC 6455 section 8.1).
@@ -486,7 +590,9 @@ class Connection:
             return
         raise ProtocolError(CloseCode.PROTOCOL_ERROR, f"reserved bits set ({(b0 >> 4) & 0x07:#05b})")
 
-    def _data_frame(self, b0: int, opcode: int, payload: bytes, append: Callable[[Event], None]) -> None:
+    def _data_frame(
+        self, b0: int, opcode: int, payload: bytes | bytearray, append: Callable[[Event], None]
+    ) -> None:
         """A fragment, a compressed message, or the end of a fragmented message."""
         fin = b0 & 0x80
         if opcode:  # first frame of a message
@@ -502,7 +608,8 @@ class Connection:
                 self._check_text_fragment(payload, False)
             # One growing bytearray, not a list of fragments: a million one-byte fragments would otherwise cost a
             # million list slots (and leave the heap fragmented once freed).
-            self._frag_buf = bytearray(payload)
+            # A large frame's own buffer (_Large) is adopted as it is: nobody else holds it.
+            self._frag_buf = payload if type(payload) is bytearray else bytearray(payload)
             return
         self._frag_size += len(payload)
         frag_buf = self._frag_buf
@@ -520,7 +627,7 @@ class Connection:
             self._frag_decoder = None
             self._emit(opcode, whole, compressed, append)
 
-    def _check_text_fragment(self, payload: bytes, final: bool) -> None:
+    def _check_text_fragment(self, payload: bytes | bytearray, final: bool) -> None:
         """Fail fast: the incremental decoder raises at the first byte that cannot start or continue UTF-8."""
         assert self._frag_decoder is not None
         try:
@@ -528,10 +635,14 @@ class Connection:
         except UnicodeDecodeError:
             raise ProtocolError(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message") from None
 
-    def _emit(self, opcode: int, payload: bytes, compressed: bool, append: Callable[[Event], None]) -> None:
+    def _emit(
+        self, opcode: int, payload: bytes | bytearray, compressed: bool, append: Callable[[Event], None]
+    ) -> None:
         if compressed:
             assert self._deflate is not None
             payload = self._deflate.decompress(payload, self.max_message_size)
+        elif isinstance(payload, bytearray):  # a large frame's buffer (_Large): the message gets bytes
+            payload = bytes(payload)
         if opcode == 0x01:
             try:
                 append(Message(payload.decode("utf-8")))
@@ -798,6 +909,18 @@ class Connection:
             mask = self._mask_source()
             frame = encode_header(first, n, 0x80) + mask + mask_payload(payload, mask)
             self._out.append(frame)
+
+
+class _Large:
+    """A large data frame received in streaming mode: its payload, sized from the header and filled read by read
+    (unmasked on the way in), delivered as a message or fragment once complete."""
+
+    __slots__ = ("b0", "decoder", "payload")
+
+    def __init__(self, b0: int, payload: Payload, decoder: codecs.IncrementalDecoder | None) -> None:
+        self.b0 = b0  # FIN, RSV1 and opcode
+        self.payload = payload  # a BytesPayload for a whole binary message, a PayloadBuffer otherwise
+        self.decoder = decoder  # a text frame's fail-fast UTF-8 check, None otherwise
 
 
 class _Skip:

@@ -553,7 +553,9 @@ def test_version(cli):
 
     proc = cli("--version")
     assert proc.returncode == 0
-    assert proc.stdout.strip() == f"selectws, version {selectws.__version__}"
+    from selectws.protocol.frames import SPEEDUPS  # "C" or "off, pure Python (...)": the active masking
+
+    assert proc.stdout.strip() == f"selectws, version {selectws.__version__} (speedups: {SPEEDUPS})"
 
     script = Path(sys.executable).with_name("selectws")
     exe = str(script) if script.exists() else shutil.which("selectws")

@@ -41,11 +41,11 @@ from urllib.parse import urlsplit
 from selectws import __version__
 from selectws.config import HookConfig
 from selectws.server.stats import HookStats
-from selectws.transport.http_client import HttpClient, HttpResult
 from selectws.transport.loop import EventLoop, Timer
 
 if TYPE_CHECKING:
     from selectws.server.connection import ServerConnection
+    from selectws.transport.http_client import HttpResult
 
 __all__ = ["SIGNATURE_HEADER", "HookDispatcher", "HookLoader", "HookStats", "HookTarget", "Hooks", "sign"]
 
@@ -92,6 +92,10 @@ ClientFactory = Callable[[HookTarget, EventLoop], Client]
 
 
 def http_client(target: HookTarget, loop: EventLoop) -> Client:
+    # Imported here: h11 is the optional "hooks" extra, needed only once a [[hooks]] receiver is configured (the
+    # application checks that it is installed before the server starts).
+    from selectws.transport.http_client import HttpClient
+
     parts = urlsplit(target.config.url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return HttpClient(loop, target.addresses, parts.hostname or "", port, target.tls,

@@ -109,9 +109,10 @@ _HEADER = struct.Struct("!B8sBI")
 _POSITIONED, _POSITIONED_ALL, _JOIN, _LEAVE, _ASK, _SNAPSHOT, _BEAT, _BYE = 3, 4, 5, 6, 7, 8, 9, 10
 _QUERY_TIMEOUT = 1.0  # seconds the server API waits for the other instances' presence
 
-# The history scripts (module docstring). KEYS: meta hash, stream[, channel]. A history that was lost (its meta
-# expired or evicted; or its stream gone while the offset says it had messages) starts again with a new epoch.
-_PUBLISH_SCRIPT = b"""
+# The history scripts (module docstring). KEYS: meta hash, stream[, channel]; ARGV[2] the TTL, ARGV[3] a fresh
+# epoch. Both start by finding the group's position: a history that was lost (its meta expired or evicted; or its
+# stream gone while the offset says it had messages) starts again with the fresh epoch.
+_POSITION = b"""
 local e = redis.call('HGET', KEYS[1], 'e')
 local o = tonumber(redis.call('HGET', KEYS[1], 'o') or '0')
 if not e then
@@ -119,10 +120,15 @@ if not e then
   o = 0
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'e', e, 'o', 0)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
 elseif o > 0 and redis.call('EXISTS', KEYS[2]) == 0 then
   e = ARGV[3]
+  o = 0
   redis.call('HSET', KEYS[1], 'e', e, 'o', 0)
 end
+"""
+# ARGV: MAXLEN, TTL, epoch, the data, the payload header. Returns {offset, epoch}.
+_PUBLISH_SCRIPT = _POSITION + b"""
 o = redis.call('HINCRBY', KEYS[1], 'o', 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], o .. '-0', 'd', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
@@ -130,24 +136,12 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('PUBLISH', KEYS[3], ARGV[5] .. o .. '\\n' .. e .. '\\n' .. ARGV[4])
 return {o, e}
 """
-_READ_SCRIPT = b"""
-local e = redis.call('HGET', KEYS[1], 'e')
-local o = tonumber(redis.call('HGET', KEYS[1], 'o') or '0')
-if not e then
-  e = ARGV[3]
-  o = 0
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'e', e, 'o', 0)
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-elseif o > 0 and redis.call('EXISTS', KEYS[2]) == 0 then
-  e = ARGV[3]
-  o = 0
-  redis.call('HSET', KEYS[1], 'e', e, 'o', 0)
-end
+# ARGV: since (-1: none), TTL, epoch, COUNT. Returns {epoch, offset, entries above since}.
+_READ_SCRIPT = _POSITION + b"""
 local since = tonumber(ARGV[1])
 local entries = {}
 if since >= 0 and since < o then
-  entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', ARGV[2])
+  entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', ARGV[4])
 end
 return {e, o, entries}
 """
@@ -745,7 +739,7 @@ class RedisBroker:
             g = group.encode("utf-8")
             self.pub.write(encode_command(b"EVALSHA", _READ_SHA, b"2", self.prefix + b"meta:" + g,
                                           self.prefix + b"history:" + g, str(-1 if since is None else since),
-                                          str(max(1, limit)), new_epoch(), str(max(1, int(policy.ttl + 0.999)))),
+                                          str(max(1, int(policy.ttl + 0.999))), new_epoch(), str(max(1, limit))),
                            "hread")
             self._hread.append(lambda reply: callback(_history_result(reply)))
 

@@ -693,7 +693,7 @@ class RedisBroker:
             self.dropped += 1
             return count
         payload = encode_payload(self.instance, message, exclude)
-        channel = self._channels.get(group) or self.prefix + group.encode("utf-8")  # cached only while subscribed
+        channel = self._channel_for(group)
         if len(pub.wbuf) + len(payload) > self.config.max_buffer:
             self.dropped += 1
             return count
@@ -717,11 +717,9 @@ class RedisBroker:
         via_sub = group in self.groups and self._channel_for(group) in self._confirmed
         opcode = _POSITIONED_ALL if via_sub else _POSITIONED
         header = _HEADER.pack(_VERSION, self.instance, opcode, len(ids)) + struct.pack(f"!{len(ids)}Q", *ids)
-        g = group.encode("utf-8")
-        pub.write(encode_command(b"EVALSHA", _PUBLISH_SHA, b"3", self.prefix + b"meta:" + g,
-                                 self.prefix + b"history:" + g, self._channel_for(group),
-                                 str(policy.size), str(max(1, int(policy.ttl + 0.999))), new_epoch(), data, header),
-                  "hpublish")
+        meta, stream, ttl = self._history_keys(group, policy)
+        pub.write(encode_command(b"EVALSHA", _PUBLISH_SHA, b"3", meta, stream, self._channel_for(group),
+                                 str(policy.size), ttl, new_epoch(), data, header), "hpublish")
         self._hpub.append((group, message, exclude, via_sub))
         self.published += 1
         return self.owner.local_count(group, exclude) if self.owner is not None else 0
@@ -736,10 +734,9 @@ class RedisBroker:
             if self.pub.state is not _UP:
                 callback(HistoryResult("", 0, error=f"broker down ({self.last_error or 'connecting'})"))
                 return
-            g = group.encode("utf-8")
-            self.pub.write(encode_command(b"EVALSHA", _READ_SHA, b"2", self.prefix + b"meta:" + g,
-                                          self.prefix + b"history:" + g, str(-1 if since is None else since),
-                                          str(max(1, int(policy.ttl + 0.999))), new_epoch(), str(max(1, limit))),
+            meta, stream, ttl = self._history_keys(group, policy)
+            self.pub.write(encode_command(b"EVALSHA", _READ_SHA, b"2", meta, stream,
+                                          str(-1 if since is None else since), ttl, new_epoch(), str(max(1, limit))),
                            "hread")
             self._hread.append(lambda reply: callback(_history_result(reply)))
 
@@ -774,7 +771,13 @@ class RedisBroker:
         return self.config.presence_heartbeat / 2
 
     def _channel_for(self, group: str) -> bytes:
+        """The group's channel (cached only while subscribed)."""
         return self._channels.get(group) or self.prefix + group.encode("utf-8")
+
+    def _history_keys(self, group: str, policy: HistoryPolicy) -> tuple[bytes, bytes, str]:
+        """The history scripts' keys (meta hash, stream) and TTL argument (whole seconds, rounded up)."""
+        g = group.encode("utf-8")
+        return self.prefix + b"meta:" + g, self.prefix + b"history:" + g, str(max(1, int(policy.ttl + 0.999)))
 
     def _publish_control(self, channel: bytes, opcode: int, body: Any) -> None:
         pub = self.pub

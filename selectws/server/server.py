@@ -806,8 +806,7 @@ class Server:
     def presence(self, group: str) -> list[Member]:
         """Every member of ``group`` on every instance: this instance's, then the others' (as the broker last told
         us; exact for the groups this instance has members in)."""
-        local = [self._member(conn, group) for conn in self.groups.get(group, {}).values()]
-        return local + self.cluster.members(group)
+        return self.local_presence(group) + self.cluster.members(group)
 
     def local_presence(self, group: str) -> list[Member]:
         return [self._member(conn, group) for conn in self.groups.get(group, {}).values()]

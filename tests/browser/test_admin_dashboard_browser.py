@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,10 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from browsertools import CHROMIUM, CHROMIUM_ARGS, redis_server, requirements
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO_ROOT / "artifacts" / "admin-dashboard.png"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -41,51 +37,15 @@ LOAD_SECONDS = 10.0  # the load stops by itself after this, whatever happens to 
 UI_TIMEOUT_MS = 15_000
 
 
-def _missing() -> str | None:
-    if not os.access(CHROMIUM, os.X_OK):
-        return f"{CHROMIUM} not found (apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright package is not installed (pip install playwright)"
-    if shutil.which("redis-server") is None:
-        return "redis-server not installed (workers > 1 need a broker; apt-get install redis-server)"
-    return None
+pytestmark = requirements(redis=True)
 
 
-_MISSING = _missing()
-if _MISSING is not None and os.environ.get("CI"):
-    raise RuntimeError(f"browser tests cannot run in CI: {_MISSING}")
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(_MISSING is not None, reason=f"browser tests need Chromium, Playwright, Redis: {_MISSING}"),
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    port = _free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                             "no"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.kill()
-        proc.wait(5)
+    with redis_server() as url:
+        yield url
 
 
 class Daemon:

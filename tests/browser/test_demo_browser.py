@@ -24,21 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from browsertools import CHROMIUM, CHROMIUM_ARGS, requirements
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO_ROOT / "artifacts" / "demo-chat.png"
 RECONNECTING_SHOT = REPO_ROOT / "artifacts" / "demo-reconnecting.png"
@@ -48,24 +38,7 @@ UI_TIMEOUT_MS = 15_000  # a page event (message, member list)
 RECONNECT_TIMEOUT_MS = 30_000  # back online after a restart: a few backoff steps at most
 
 
-def _missing() -> str | None:
-    if not os.access(CHROMIUM, os.X_OK):
-        return f"{CHROMIUM} not found (apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright package is not installed (pip install playwright)"
-    return None
-
-
-_MISSING = _missing()
-if _MISSING is not None and os.environ.get("CI"):
-    # CI installs both (.ci/run): there a missing browser is a failure, never a silent skip.
-    raise RuntimeError(f"browser tests cannot run in CI: {_MISSING}")
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(_MISSING is not None, reason=f"browser tests need Chromium and Playwright: {_MISSING}"),
-]
+pytestmark = requirements()
 
 
 # ------------------------------------------------------------------------------------------------ the daemon

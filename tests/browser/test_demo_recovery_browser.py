@@ -20,9 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,13 +30,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from browsertools import CHROMIUM, CHROMIUM_ARGS, redis_server, requirements
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page, Route, WebSocketRoute
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO_ROOT / "artifacts" / "demo-recovery.png"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -49,36 +45,9 @@ UI_TIMEOUT_MS = 15_000  # a page event (message, member list)
 RECONNECT_TIMEOUT_MS = 30_000  # back online after a restart: a few backoff steps at most
 
 
-def _missing() -> str | None:
-    if not os.access(CHROMIUM, os.X_OK):
-        return f"{CHROMIUM} not found (apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright package is not installed (pip install playwright)"
-    if shutil.which("redis-server") is None:
-        return "redis-server not installed (apt-get install redis-server)"
-    try:
-        import hiredis  # noqa: F401
-    except ImportError:
-        return "the Redis broker needs hiredis (pip install 'selectws[redis]')"
-    return None
+pytestmark = requirements(redis=True, hiredis=True)
 
 
-_MISSING = _missing()
-if _MISSING is not None and os.environ.get("CI"):
-    # CI installs all of them: there a missing one is a failure, never a silent skip.
-    raise RuntimeError(f"browser tests cannot run in CI: {_MISSING}")
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(_MISSING is not None, reason=f"these tests need Chromium, Playwright and Redis: {_MISSING}"),
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def chat_config(broker_url: str = "", *, ttl: float = 300) -> str:
@@ -105,27 +74,8 @@ history_ttl = {ttl}
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    """One redis-server, without persistence, on a free port; killed afterwards."""
-    port = _free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.kill()
-        proc.wait(5)
+    with redis_server() as url:
+        yield url
 
 
 class Daemon:

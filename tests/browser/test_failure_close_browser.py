@@ -16,38 +16,19 @@ Twelve tries in one page, each must see code 1009 and ``wasClean`` true. Skipped
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from browsertools import CHROMIUM, CHROMIUM_ARGS, requirements
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TRIES = 12
 MESSAGE_SIZE = 5 << 20  # five times the default max_message_size (1 MiB)
 
 
-def _missing() -> str | None:
-    if not os.access(CHROMIUM, os.X_OK):
-        return f"{CHROMIUM} not found (apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright package is not installed (pip install playwright)"
-    return None
-
-
-_MISSING = _missing()
-if _MISSING is not None and os.environ.get("CI"):
-    raise RuntimeError(f"browser tests cannot run in CI: {_MISSING}")
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(_MISSING is not None, reason=f"browser tests need Chromium and Playwright: {_MISSING}"),
-]
+pytestmark = requirements()
 
 
 def _integration_fixtures() -> ModuleType:

@@ -18,6 +18,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <structmember.h>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -363,12 +364,174 @@ static PyTypeObject BytesPayloadType = {
     .tp_getset = payload_getset,
 };
 
+/* ------------------------------------------------------------------------------------------------ scanning */
+
+/* The slot offset of Message.data (a __slots__ member), learnt by set_message_type(): scan_messages() makes its
+ * Message objects with the type's allocator and stores the payload in that slot, as Message(payload) would,
+ * without calling the Python __init__ per message. */
+static PyTypeObject *message_type = NULL;
+static Py_ssize_t message_data_offset = -1;
+
+PyDoc_STRVAR(set_message_type_doc,
+"set_message_type(cls, /) -> None\n\n"
+"The class scan_messages() makes its events of: a class whose only state is a ``data`` slot (``__slots__ =\n"
+"('data',)``) and whose __init__ just stores its argument there.");
+
+static PyObject *
+set_message_type(PyObject *module, PyObject *cls)
+{
+    PyObject *descr;
+    PyMemberDef *member;
+    if (!PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "a class is required");
+        return NULL;
+    }
+    descr = PyDict_GetItemString(((PyTypeObject *)cls)->tp_dict, "data"); /* borrowed */
+    if (descr == NULL || Py_TYPE(descr) != &PyMemberDescr_Type) {
+        PyErr_SetString(PyExc_TypeError, "the class needs a 'data' slot");
+        return NULL;
+    }
+    member = ((PyMemberDescrObject *)descr)->d_member;
+    if (member->type != T_OBJECT_EX) {
+        PyErr_SetString(PyExc_TypeError, "'data' is not an object slot");
+        return NULL;
+    }
+    Py_INCREF(cls);
+    Py_XSETREF(message_type, (PyTypeObject *)cls);
+    message_data_offset = member->offset;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(scan_messages_doc,
+"scan_messages(data, max_frame, max_message, budget, events, /) -> int\n\n"
+"The fast path of a server's receive_data(): from the start of ``data``, every complete, masked, unfragmented,\n"
+"uncompressed text or binary frame (first byte 0x81 or 0x82) of at most ``max_frame`` and ``max_message`` payload\n"
+"bytes, at most ``budget`` of them, is unmasked and appended to ``events`` as a message (text decoded from UTF-8).\n"
+"It stops before anything else (a control frame, a fragment, an extension bit, an unmasked frame, a 64-bit length,\n"
+"a frame over a limit or not complete yet, text that is not UTF-8) and returns how many bytes of ``data`` it left:\n"
+"the caller's general parser takes those, and judges (or refuses) what stopped the scan.");
+
+/* A size limit from a Python int; one past any buffer (an overflow) means no limit. */
+static int
+get_limit(PyObject *obj, Py_ssize_t *limit)
+{
+    *limit = PyLong_AsSsize_t(obj);
+    if (*limit == -1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            return -1;
+        }
+        PyErr_Clear();
+        *limit = PY_SSIZE_T_MAX;
+    }
+    return 0;
+}
+
+static PyObject *
+scan_messages(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    PyObject *tmp, *events;
+    Py_ssize_t limit, limit2, budget, pos = 0, end, count = 0;
+    const unsigned char *buf;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "scan_messages() takes 5 arguments");
+        return NULL;
+    }
+    if (message_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "set_message_type() was not called");
+        return NULL;
+    }
+    if (get_limit(args[1], &limit) < 0 || get_limit(args[2], &limit2) < 0) {
+        return NULL;
+    }
+    if (limit2 < limit) {
+        limit = limit2;
+    }
+    budget = PyLong_AsSsize_t(args[3]);
+    if (budget == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    events = args[4];
+    if (!PyList_Check(events)) {
+        PyErr_SetString(PyExc_TypeError, "events must be a list");
+        return NULL;
+    }
+    if (get_input(args[0], &view, &tmp) < 0) {
+        return NULL;
+    }
+    buf = (const unsigned char *)view.buf;
+    end = view.len;
+    while (end - pos >= 6 && count < budget) {
+        unsigned char b0 = buf[pos], b1 = buf[pos + 1];
+        Py_ssize_t length = b1 & 0x7F, start;
+        PyObject *payload, *message;
+        char *out;
+        if ((b0 != 0x82 && b0 != 0x81) || !(b1 & 0x80)) {
+            break;
+        }
+        if (length == 126) {
+            if (end - pos < 8) {
+                break;
+            }
+            length = ((Py_ssize_t)buf[pos + 2] << 8) | buf[pos + 3];
+            start = pos + 8;
+        }
+        else if (length == 127) {
+            break;
+        }
+        else {
+            start = pos + 6;
+        }
+        if (length > limit || end - start < length) {
+            break;
+        }
+        payload = PyBytes_FromStringAndSize(NULL, length);
+        if (payload == NULL) {
+            goto error;
+        }
+        out = PyBytes_AS_STRING(payload);
+        xor_mask(out, (const char *)buf + start, length, buf + start - 4);
+        if (b0 == 0x81) {
+            PyObject *text = PyUnicode_DecodeUTF8(out, length, NULL);
+            Py_DECREF(payload);
+            if (text == NULL) {
+                if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                    PyErr_Clear(); /* the general parser refuses it, with its close code */
+                    break;
+                }
+                goto error;
+            }
+            payload = text;
+        }
+        message = message_type->tp_alloc(message_type, 0);
+        if (message == NULL) {
+            Py_DECREF(payload);
+            goto error;
+        }
+        *(PyObject **)((char *)message + message_data_offset) = payload; /* the reference moves to the slot */
+        if (PyList_Append(events, message) < 0) {
+            Py_DECREF(message);
+            goto error;
+        }
+        Py_DECREF(message);
+        pos = start + length;
+        count++;
+    }
+    release_input(&view, tmp);
+    return PyLong_FromSsize_t(end - pos);
+error:
+    release_input(&view, tmp);
+    return NULL;
+}
+
 /* ------------------------------------------------------------------------------------------------ module */
 
 static PyMethodDef speedups_methods[] = {
     {"apply_mask", (PyCFunction)(void (*)(void))apply_mask, METH_FASTCALL, apply_mask_doc},
     {"mask_inplace", (PyCFunction)(void (*)(void))mask_inplace, METH_FASTCALL, mask_inplace_doc},
     {"mask_into", (PyCFunction)(void (*)(void))mask_into, METH_FASTCALL, mask_into_doc},
+    {"scan_messages", (PyCFunction)(void (*)(void))scan_messages, METH_FASTCALL, scan_messages_doc},
+    {"set_message_type", (PyCFunction)set_message_type, METH_O, set_message_type_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -50,9 +50,17 @@ from selectws.protocol.frames import (
     encode_header,
     mask_payload,
     parse_close_payload,
+    speedups,
 )
 
 __all__ = ["CLIENT", "SERVER", "Connection", "Extension", "Role", "State"]
+
+# The C scanner of whole small data frames (_speedups.scan_messages), or None on the pure-Python path: the
+# general parser in receive_data then does all the work, with the same results.
+_scan_messages: Callable[[bytes | bytearray | memoryview, int, int, int, list[Event]], int] | None = None
+if speedups is not None:
+    speedups.set_message_type(Message)
+    _scan_messages = speedups.scan_messages
 
 
 class Role(Enum):
@@ -199,14 +207,48 @@ class Connection:
             return self._release_held(data)
         self.input_pending = False
         state = self.state
-        if state is _CLOSED:
+        events: list[Event] = []
+        budget = self.max_frames
+        if state is _OPEN and self._large is None and _scan_messages is not None and not self._frag_opcode and (
+            self._expect_mask
+        ):
+            # The C fast path: whole small text and binary frames, the bulk of most traffic. It stops before
+            # anything else, and the general parser below goes on from there (and judges what stopped it).
+            held = self._buf
+            if held:
+                held += data  # a bytearray while input waits
+                data = held  # the general parser below takes it as its buffer, from self._buf
+            left = _scan_messages(data, self.max_frame_size, self.max_message_size, budget, events)
+            if not left:  # all of it: the common case
+                if held:
+                    self._buf = b""
+                    if self._partial_checked:  # the text frame checked piecemeal was among the messages
+                        self._partial_checked = 0
+                        self._partial_decoder = None
+                return events
+            if events:
+                if held:
+                    if self._partial_checked:
+                        self._partial_checked = 0
+                        self._partial_decoder = None
+                    del held[: len(held) - left]  # type: ignore[union-attr]
+                else:
+                    data = data[len(data) - left :]
+                budget -= len(events)
+                if not budget:  # the rest waits for the next call
+                    self.input_pending = left >= 2
+                    if not held:
+                        self._buf = bytearray(data)
+                    return events
+            if held:
+                data = b""  # held is self._buf, which the general parser starts from
+        elif state is _CLOSED:
             if self._skip is not None:  # the rest of an oversized message (max_discard)
                 self._skip_input(data)
-            return []
-        if state is _CONNECTING:
+            return events
+        elif state is _CONNECTING:
             return self._receive_handshake(data)
-        events: list[Event] = []
-        if self._large is not None:  # the rest of a large frame: unmasked straight into its buffer
+        elif self._large is not None:  # the rest of a large frame: unmasked straight into its buffer
             rest = self._receive_large(data, events)
             if rest is None:
                 return events
@@ -236,7 +278,6 @@ class Connection:
         stream_at = -1  # offset of the mask (or payload) of an incomplete large frame, to receive in streaming mode
         stream_b0 = stream_length = 0
         error: ProtocolError | None = None
-        budget = self.max_frames
         try:
             while end - pos >= 2:
                 b0 = buf[pos]
@@ -774,7 +815,10 @@ class Connection:
         payload = text.encode("utf-8")
         if self._plain:
             n = len(payload)
-            self._out += (_TEXT_HEADERS[n] if n < 126 else encode_header(0x81, n)), payload
+            if n < 126:  # small: header and payload in one piece (one object, and one send() without a join)
+                self._out.append(_TEXT_HEADERS[n] + payload)
+            else:
+                self._out += encode_header(0x81, n), payload
         else:
             self._write_message(0x01, payload)
         return True
@@ -786,10 +830,10 @@ class Connection:
         if self._plain:
             n = len(data)
             # A bytearray or memoryview may be reused by the caller before data_to_send(): keep a copy.
-            self._out += (
-                (_BINARY_HEADERS[n] if n < 126 else encode_header(0x82, n)),
-                data if type(data) is bytes else bytes(data),
-            )
+            if n < 126:  # small: header and payload in one piece (one object, and one send() without a join)
+                self._out.append(_BINARY_HEADERS[n] + data)
+            else:
+                self._out += encode_header(0x82, n), data if type(data) is bytes else bytes(data)
         else:
             self._write_message(0x02, data)
         return True

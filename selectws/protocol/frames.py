@@ -243,6 +243,9 @@ else:
     apply_mask, mask_inplace, mask_into = _py_apply_mask, _py_mask_inplace, _py_mask_into
     BytesPayload = PayloadBuffer
 
+#: The C module itself (None on the pure-Python path): the protocol core takes its frame scanner from it.
+speedups: ModuleType | None = _c
+
 #: The names the rest of the package (and older callers) use: masking and unmasking are the same XOR.
 mask_payload = apply_mask
 mask_in_place = mask_inplace

@@ -185,9 +185,16 @@ class PluginSession:
         return True
 
     def send(self, message: str | bytes) -> bool:
-        if isinstance(message, str):
-            return self.send_text(message)
-        return self.send_bytes(message)
+        # The lines of send_text / send_bytes once more: most plugins call this one, and a call less counts here.
+        if not (self._ws.send_text(message) if isinstance(message, str) else self._ws.send_binary(message)):
+            return False
+        conn = self._conn
+        server = conn.server
+        server.counters.messages_out += 1
+        if not conn.dirty:
+            conn.dirty = True
+            server.dirty.append(conn)
+        return True
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         self._conn.close(code, reason)
@@ -325,12 +332,13 @@ class ServerConnection:
 
     # ================================================================== selector callbacks
     def handle_event(self, mask: int) -> None:
-        if mask & _WRITE:
-            self._on_writable()
-        if mask & _READ and self.sock is not None:
-            self._on_readable()
-
-    def _on_readable(self) -> None:
+        """The selector's callback. Readable, the common case, is handled right here (the read itself, not a call
+        to :meth:`_on_readable`): one Python call less per received message."""
+        if mask != _READ:
+            if mask & _WRITE:
+                self._on_writable()
+            if not mask & _READ or self.sock is None:
+                return
         sock = self.sock
         assert sock is not None
         server = self.server
@@ -357,8 +365,12 @@ class ServerConnection:
                 self._handle_events(ws.receive_data(b""))
         if ws.input_pending and self.sock is not None:
             self._defer_input()
-        if ws.has_output or ws.close_transport:
+        if not self.dirty and (ws.has_output or ws.close_transport):
             self._flush_later()
+
+    def _on_readable(self) -> None:
+        """Read once and act on what came (the body of :meth:`handle_event`, for the TLS subclass's loop)."""
+        ServerConnection.handle_event(self, _READ)
 
     def _defer_input(self) -> None:
         """The protocol stopped at FRAMES_PER_TURN with frames left: parse them next iteration, after the other
@@ -654,12 +666,27 @@ class ServerConnection:
     def flush(self) -> None:
         """Called once per loop iteration for connections with new output: one ``send`` for all of it."""
         self.dirty = False
-        if self.sock is None:
+        sock = self.sock
+        if sock is None:
             return
         ws = self.ws
         pieces = ws.take_output()
         if pieces:
-            self._write(pieces)
+            if len(pieces) == 1 and self._wq is None:  # the common case, _write's first branch inline
+                piece = pieces[0]
+                try:
+                    sent = sock.send(piece)
+                except self._would_block:
+                    sent = 0
+                except OSError as exc:
+                    self._abort(f"send failed: {exc}")
+                    return
+                self.bytes_out += sent
+                if sent != len(piece):  # the rest is queued as _write does: the piece, or a view of its rest
+                    self._enqueue([memoryview(piece)[sent:] if sent else piece], len(piece) - sent)
+                    self._check_backpressure()
+            else:
+                self._write(pieces)
             pieces.clear()  # the protocol's list (see take_output): let go of the pieces now
         if ws.close_transport and self._wq is None and self.sock is not None:
             self._shutdown_transport()

@@ -67,8 +67,11 @@ class TlsServerConnection(ServerConnection):
     def handle_event(self, mask: int) -> None:
         if self._tls_handshaking:
             self._tls_handshake()
-        else:
-            ServerConnection.handle_event(self, mask)
+            return
+        if mask & selectors.EVENT_WRITE:
+            self._on_writable()
+        if mask & selectors.EVENT_READ and self.sock is not None:
+            self._on_readable()  # the loop below: TLS may hold decrypted bytes the selector does not report
 
     def _tls_handshake(self) -> None:
         sock = self.sock

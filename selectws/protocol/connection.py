@@ -110,10 +110,10 @@ class Connection:
     """One WebSocket connection after a successful opening handshake."""
 
     __slots__ = (
+        "_aux",
         "_buf",
         "_deflate",
         "_expect_mask",
-        "_frag_buf",
         "_frag_compressed",
         "_frag_decoder",
         "_frag_opcode",
@@ -124,11 +124,7 @@ class Connection:
         "_out",
         "_out_spare",
         "_partial_checked",
-        "_partial_decoder",
         "_plain",
-        "_skip",
-        "close_code",
-        "close_reason",
         "close_transport",
         "input_pending",
         "max_discard",
@@ -150,6 +146,9 @@ class Connection:
         mask_source: Callable[[], bytes] | None = None,
         max_frames: int = 1 << 30,
     ) -> None:
+        # What a connection seldom holds (a fragmented message's buffer, the piecemeal UTF-8 check's decoder, an
+        # oversized message being skipped, the close frame we sent): one object, made when first needed (_Aux).
+        self._aux: _Aux | None = None
         self.role = role
         self.state = state
         self.max_message_size = max_message_size
@@ -166,13 +165,11 @@ class Connection:
         # Server role without compression: sends take the short path (no masking, no deflate).
         self._plain = role is SERVER and extension is None
         self._frag_opcode = 0  # opcode of the fragmented message in progress, 0 when none
-        self._frag_buf: bytearray | None = None  # the fragments of the message in progress, appended in place
         self._frag_size = 0
         self._frag_decoder: codecs.IncrementalDecoder | None = None
         self._frag_compressed = False
         # Fail-fast UTF-8 inside one text frame still arriving: how much of its payload is already checked.
         self._partial_checked = 0
-        self._partial_decoder: codecs.IncrementalDecoder | None = None
         # A close frame or a violation that followed data messages in one read, held back until the driver has
         # acted on those messages: (close code, reason, error or None for the peer's close), or _RESUME when only
         # buffered input is waiting (bytes that came with the opening handshake).
@@ -184,16 +181,76 @@ class Connection:
         #: ``receive_data(b"")`` again, after serving other connections (a driver's fairness rule). A plain
         #: attribute, read once per read on the hot path.
         self.input_pending = False
-        self.close_code: int | None = None  # the code of the close frame we sent, once sent
-        self.close_reason = ""
         self.close_transport = False  # the driver closes TCP once data_to_send() is drained
         #: Bytes of a message over the limit that the connection will read past and throw away before its 1009
         #: close frame goes out (``holding_close``): a peer still sending that message only sees our close frame
         #: once it has finished (a browser reports a close that interrupted its own send as unclean). 0: the close
         #: frame is queued at once. A header announcing more than this is refused at once, as before.
         self.max_discard = 0
-        self._skip: _Skip | None = None  # the rest of the oversized message being skipped, and our held close frame
         self._large: _Large | None = None  # a large frame arriving over several reads (_STREAM_MIN)
+
+    # ------------------------------------------------------------------ seldom held (_Aux)
+
+    def _more(self) -> _Aux:
+        aux = self._aux
+        if aux is None:
+            aux = self._aux = _Aux()
+        return aux
+
+    @property
+    def close_code(self) -> int | None:
+        """The code of the close frame we sent, once sent."""
+        aux = self._aux
+        return aux.close_code if aux is not None else None
+
+    @close_code.setter
+    def close_code(self, code: int | None) -> None:
+        if code is not None or self._aux is not None:
+            self._more().close_code = code
+
+    @property
+    def close_reason(self) -> str:
+        """The reason of the close frame we sent, once sent."""
+        aux = self._aux
+        return aux.close_reason if aux is not None else ""
+
+    @close_reason.setter
+    def close_reason(self, reason: str) -> None:
+        if reason or self._aux is not None:
+            self._more().close_reason = reason
+
+    @property
+    def _frag_buf(self) -> bytearray | None:
+        """The fragments of the message in progress, appended in place."""
+        aux = self._aux
+        return aux.frag_buf if aux is not None else None
+
+    @_frag_buf.setter
+    def _frag_buf(self, buf: bytearray | None) -> None:
+        if buf is not None or self._aux is not None:
+            self._more().frag_buf = buf
+
+    @property
+    def _partial_decoder(self) -> codecs.IncrementalDecoder | None:
+        """The UTF-8 decoder of the text frame checked piecemeal while it arrives (``_partial_checked``)."""
+        aux = self._aux
+        return aux.partial_decoder if aux is not None else None
+
+    @_partial_decoder.setter
+    def _partial_decoder(self, decoder: codecs.IncrementalDecoder | None) -> None:
+        if decoder is not None or self._aux is not None:
+            self._more().partial_decoder = decoder
+
+    @property
+    def _skip(self) -> _Skip | None:
+        """The rest of the oversized message being skipped, and our held close frame (``max_discard``)."""
+        aux = self._aux
+        return aux.skip if aux is not None else None
+
+    @_skip.setter
+    def _skip(self, skip: _Skip | None) -> None:
+        if skip is not None or self._aux is not None:
+            self._more().skip = skip
 
     # ------------------------------------------------------------------ receiving
 
@@ -953,6 +1010,21 @@ class Connection:
             mask = self._mask_source()
             frame = encode_header(first, n, 0x80) + mask + mask_payload(payload, mask)
             self._out.append(frame)
+
+
+class _Aux:
+    """What a :class:`Connection` seldom holds, in one object made when it first does, so that an idle connection
+    holds one None instead of five slots (memory per connection); read and written through the properties of the
+    same names (``_frag_buf``, ``_partial_decoder``, ``_skip``, ``close_code``, ``close_reason``), off the hot path."""
+
+    __slots__ = ("close_code", "close_reason", "frag_buf", "partial_decoder", "skip")
+
+    def __init__(self) -> None:
+        self.frag_buf: bytearray | None = None
+        self.partial_decoder: codecs.IncrementalDecoder | None = None
+        self.skip: _Skip | None = None
+        self.close_code: int | None = None
+        self.close_reason = ""
 
 
 class _Large:

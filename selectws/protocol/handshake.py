@@ -215,7 +215,7 @@ _DEFAULT_LIMITS = HttpLimits()
 class ServerProtocol(Connection):
     """The server side of one connection, from the first request byte (CONNECTING) to CLOSED."""
 
-    __slots__ = ("_body", "_limits")
+    __slots__ = ("_hs",)
 
     def __init__(
         self,
@@ -229,9 +229,10 @@ class ServerProtocol(Connection):
             SERVER, state=_S_CONNECTING, max_message_size=max_message_size, max_frame_size=max_frame_size,
             max_frames=max_frames,
         )
-        self._limits: HttpLimits | None = http_limits  # None once a request head was parsed (or refused)
+        # The handshake's state, one slot for what never coexists: the limits while a request head is read; then
+        # None, or (request, size) while the request waits for this many body bytes (expect_body).
+        self._hs: HttpLimits | tuple[Request, int] | None = http_limits
         # While CONNECTING, _deflate holds what accept() negotiated; it takes effect with send_response(101).
-        self._body: tuple[Request, int] | None = None  # a request waiting for this many body bytes (expect_body)
 
     def expect_body(self, request: Request, size: int) -> list[Event]:
         """Read ``size`` bytes of body after the head of ``request`` (a plain HTTP request such as a POST to the
@@ -239,26 +240,26 @@ class ServerProtocol(Connection):
         ``receive_data`` once all of it is in, or is returned at once if it already is. If the body is not all
         in and the client sent ``Expect: 100-continue``, a ``100 Continue`` is queued. Bytes past ``size`` are
         ignored: the answer ends the connection."""
-        if self.state is not _S_CONNECTING or self._limits is not None or self._body is not None:
+        if self.state is not _S_CONNECTING or self._hs is not None:
             raise RuntimeError("expect_body: no request head waiting for its answer")
-        self._body = (request, size)
+        self._hs = (request, size)
         events = self._receive_handshake(b"")
         if not events and "100-continue" in request.headers.tokens("Expect"):
             self._out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
         return events
 
     def _receive_handshake(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        limits = self._limits
+        limits = self._hs
         if self._buf:
             self._buf += data
         else:
             self._buf = bytearray(data)
-        if limits is None:
+        if not isinstance(limits, HttpLimits):
             # The request is in and its answer not yet sent: what follows waits for the 101 (frames), or is
             # dropped with the connection (anything else), unless it is the body the caller expects.
-            body = self._body
+            body = limits
             if body is not None and len(self._buf) >= body[1]:
-                self._body = None
+                self._hs = None
                 content, self._buf = bytes(self._buf[: body[1]]), b""
                 return [RequestBody(body[0], content)]
             return []
@@ -266,13 +267,13 @@ class ServerProtocol(Connection):
         try:
             parsed = parse_request(buf, limits)
         except HandshakeError as exc:
-            self._limits = None
+            self._hs = None
             self._buf = b""
             return [HandshakeFailed(exc.status, exc.reason, exc.headers)]
         if parsed is None:
             return []
         request, used = parsed
-        self._limits = None
+        self._hs = None
         self._buf = bytearray(buf[used:]) if used < len(buf) else b""
         return [request]
 

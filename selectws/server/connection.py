@@ -24,6 +24,7 @@ the transport.
 
 from __future__ import annotations
 
+import _socket
 import selectors
 import socket
 import struct
@@ -44,7 +45,7 @@ from selectws.server.history import Position, Recovery
 from selectws.server.ratelimit import TokenBucket
 from selectws.server.refusals import level_of
 from selectws.server.routing import HttpResult, Pending, Route, Router
-from selectws.transport.loop import Timer
+from selectws.transport.loop import TimerEntry
 
 if TYPE_CHECKING:  # the annotation only: the server module builds connections (one package, one direction)
     from selectws.server.server import Server
@@ -65,16 +66,19 @@ _S_CLOSING = State.CLOSING
 _S_CLOSED = State.CLOSED
 
 
-class _TimerKind(Enum):
-    IDLE = "idle"  # handshake timeout, then keepalive
-    CLOSE = "close"  # waiting for the peer's close frame
-    LINGER = "linger"  # waiting for the peer's FIN after ours
-    HOLD = "hold"  # our 1009 close frame waits for the end of the peer's oversized message
-
-
-_T_IDLE, _T_CLOSE, _T_LINGER, _T_HOLD = _TimerKind.IDLE, _TimerKind.CLOSE, _TimerKind.LINGER, _TimerKind.HOLD
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
+# ServerConnection._flags, one small int instead of six slots (memory per connection): the interest registered with
+# the selector in its two low bits (_READ | _WRITE), three booleans, and the kind of the connection's one timer.
+_INTEREST = _READ | _WRITE
+_PAUSED = 4  # not reading what this peer sends until it reads what we send (its backlog passed high_water)
+_BACKLOG = 8  # parsed input left for the next iteration (FRAMES_PER_TURN): not reading meanwhile
+_COUNTED = 16  # an open WebSocket in the server's registry, counted per address (Server.on_open .. on_closed)
+_T_IDLE = 0  # the timer: the handshake timeout, then the keepalive
+_T_CLOSE = 32  # waiting for the peer's close frame
+_T_LINGER = 64  # waiting for the peer's FIN after ours
+_T_HOLD = 96  # our 1009 close frame waits for the end of the peer's oversized message
+_T_KIND = 96
 _NEVER = float("inf")
 _TOKEN_EXPIRED = 3000  # close code for an expired token (IANA registry: Unauthorized)
 _HOLD_IDLE = 0.5  # seconds without input after which a held close frame goes anyway (nginx's lingering_timeout)
@@ -87,6 +91,40 @@ _JOIN_MAX = 65536  # a payload larger than this is not copied to go out behind i
 _IOV = 128  # buffers per sendmsg (IOV_MAX is 1024 on Linux)
 _SMALL = 2048  # queued pieces smaller than this are appended to a bytearray tail rather than kept one by one
 _TAIL = 65536  # ... up to this size of tail
+# Request heads kept for the plugins (PluginSession.headers, query), by their rest without the Sec-WebSocket-Key
+# value: clients that send the same head but for the key (a fleet of one app, a load generator) share one rest, each
+# session keeping only its key. The first head of a kind is kept whole and only its rest is remembered here; at
+# most _HEAD_KINDS of them, forgotten all at once when that many are (sessions keep theirs), and none longer than
+# _HEAD_KIND_MAX (a long head carries cookies: it is one client's).
+_head_kinds: dict[bytes, bytes] = {}
+_HEAD_KINDS = 64
+_HEAD_KIND_MAX = 2048
+
+
+def _compact_head(head: bytes, key: str | None) -> tuple[bytes, bytes | None]:
+    """``(head, None)``, or ``(rest, at + key)``: the head without the key, shared, and where the key goes back
+    (four bytes, big-endian) followed by the key (:func:`_whole_head` puts it back, byte for byte)."""
+    if not key:
+        return head, None
+    value = key.encode("latin-1")
+    at = head.find(value)
+    if at < 0 or len(head) > _HEAD_KIND_MAX:
+        return head, None
+    rest = head[:at] + head[at + len(value) :]
+    shared = _head_kinds.get(rest)
+    if shared is None:
+        if len(_head_kinds) >= _HEAD_KINDS:
+            _head_kinds.clear()
+        _head_kinds[rest] = rest
+        return head, None
+    return shared, at.to_bytes(4, "big") + value
+
+
+def _whole_head(head: bytes, key: bytes | None) -> bytes:
+    if key is None:
+        return head
+    at = int.from_bytes(key[:4], "big")
+    return head[:at] + key[4:] + head[at:]
 
 
 class PluginSession:
@@ -96,15 +134,17 @@ class PluginSession:
     buffers and the timers stay out of reach.
     """
 
-    __slots__ = ("_claims", "_conn", "_groups", "_head", "_state", "_user", "_ws", "params", "subprotocol")
+    __slots__ = ("_claims", "_conn", "_groups", "_head", "_key", "_state", "_user", "_ws", "params", "subprotocol")
 
     def __init__(
         self, conn: ServerConnection, ws: ServerProtocol, head: bytes, params: dict[str, str],
-        subprotocol: str | None,
+        subprotocol: str | None, key: str | None = None,
     ) -> None:
         self._conn = conn
         self._ws = ws
-        self._head = head  # the upgrade request head; headers and query are read from it on demand
+        # The upgrade request head (headers and query are read from it on demand): whole, or the rest shared with
+        # the sessions whose head differs only in ``key``, the Sec-WebSocket-Key, kept in _key (_compact_head).
+        self._head, self._key = _compact_head(head, key)
         self._state: dict[str, Any] | None = None
         self._groups: set[str] | None = None
         self._user: str | None = None  # set on an auth = "jwt" route (the token's sub), with _claims
@@ -127,11 +167,13 @@ class PluginSession:
 
     @property
     def headers(self) -> Headers:
-        return Headers.from_head(self._head) if self._head else _EMPTY_HEADERS
+        head = _whole_head(self._head, self._key)
+        return Headers.from_head(head) if head else _EMPTY_HEADERS
 
     @property
     def query(self) -> dict[str, str]:
-        target = self._head[: self._head.find(b"\r\n")].split(b" ")[1] if self._head else b""
+        head = _whole_head(self._head, self._key)
+        target = head[: head.find(b"\r\n")].split(b" ")[1] if head else b""
         _, _, query_string = target.decode("ascii").partition("?")
         return parse_query(query_string.partition("#")[0])
 
@@ -210,35 +252,60 @@ class PluginSession:
         return f"<Session #{self.id} {self.remote[0]}:{self.remote[1]} {self.path}>"
 
 
-class ServerConnection:
-    """A TCP connection from accept to close, driving one :class:`ServerProtocol`."""
+class _Extra:
+    """What few connections ever need, in one object a :class:`ServerConnection` makes when it first does (an idle
+    connection holds a None instead: memory per connection): its own router (the operator listener's), when its
+    token expires, the lingering close's discarded bytes and hold deadline, a server API answer that waits."""
+
+    __slots__ = ("awaiting_pong", "discarded", "expires", "linger_until", "pending_answer", "router")
+
+    def __init__(self) -> None:
+        self.router: Router | None = None
+        self.awaiting_pong = 0.0  # loop time of the keepalive ping that waits for its pong; 0.0: none
+        #: Loop time at which the token of an authenticated connection expires (exp + leeway): the idle timer is
+        #: never armed past it, and closes with 3000 when it fires. Infinity: no token, or one without exp.
+        self.expires = _NEVER
+        # The lingering close (DRAINING): bytes read and thrown away so far (at most ws.max_discard, that is
+        # [limits] linger_max_bytes), and when a held close frame must go.
+        self.discarded = 0
+        self.linger_until = 0.0
+        self.pending_answer: Pending | None = None  # a server API answer that waits for the broker
+
+    @property
+    def unused(self) -> bool:
+        """Everything at its default: the connection lets go of it (a keepalive ping's, once answered)."""
+        return (self.router is None and self.expires == _NEVER and not self.awaiting_pong and not self.discarded
+                and self.pending_answer is None and not self.linger_until)
+
+
+class _WriteQueue(deque[bytes | bytearray | memoryview]):
+    """What the socket has not taken yet (ServerConnection._wq), and ``size``, its byte count (``_wsize``)."""
+
+    __slots__ = ("size",)
+
+    size: int
+
+
+class ServerConnection(TimerEntry):
+    """A TCP connection from accept to close, driving one :class:`ServerProtocol`; its own timer (TimerEntry)."""
 
     __slots__ = (
-        "_awaiting_pong",
-        "_backlog",
-        "_events",
-        "_expires",
-        "_linger_left",
-        "_linger_until",
-        "_paused",
-        "_pending_answer",
+        "_extra",
+        "_flags",
         "_plugin_failed",
         "_rate",
-        "_timer",
-        "_timer_kind",
         "_wq",
-        "_wsize",
         "bytes_in",
         "bytes_out",
         "dirty",
+        "host",
         "id",
         "last_seen",
         "opened_at",
         "path",
         "phase",
-        "remote",
+        "port",
         "route",
-        "router",
         "server",
         "session",
         "sock",
@@ -249,12 +316,16 @@ class ServerConnection:
     _would_block: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
 
     def __init__(
-        self, server: Server, sock: socket.socket, remote: tuple[str, int], conn_id: int, router: Router | None = None
+        self, server: Server, sock: _socket.socket, remote: tuple[str, int], conn_id: int,
+        router: Router | None = None,
     ) -> None:
+        self._tnext = self._tprev = None  # its timer (TimerEntry): not armed yet
         self.server = server
-        self.router = router  # None: the server's current router (the operator listener passes its own)
-        self.sock: socket.socket | None = sock
-        self.remote = remote
+        self._extra: _Extra | None = None
+        if router is not None:  # the operator listener's; None: the server's current router
+            self.router = router
+        self.sock: _socket.socket | None = sock  # a bare _socket.socket, from the server's accept (or an SSLSocket)
+        self.host, self.port = remote  # the peer (remote); host is shared by the connections of one address
         self.id = conn_id
         self.phase = HANDSHAKE
         limits = server.config.limits
@@ -267,32 +338,87 @@ class ServerConnection:
         self.path = ""
         # What the socket has not taken yet, oldest first, as the very objects the protocol produced: a frame
         # encoded once for a broadcast is queued, not copied, on every recipient that cannot take it now (small
-        # pieces are coalesced into a bytearray tail). None while nothing waits; _wsize is its byte count, also
-        # summed over all connections in server.buffered_total (the max_buffered_total budget).
-        self._wq: deque[bytes | bytearray | memoryview] | None = None
-        self._wsize = 0
-        self._backlog = False  # parsed input left for the next iteration (FRAMES_PER_TURN): not reading meanwhile
-        self._events = _READ
-        self._paused = False
+        # pieces are coalesced into a bytearray tail). None while nothing waits; _wsize is its byte count (kept in
+        # the queue), also summed over all connections in server.buffered_total (the max_buffered_total budget).
+        self._wq: _WriteQueue | None = None
+        self._flags = _READ  # see _PAUSED and the others: not paused, no backlog, not counted, timer kind IDLE
         self.dirty = False  # on the server's flush list
-        self._awaiting_pong = 0.0
         self._plugin_failed = False
-        self._pending_answer: Pending | None = None  # a server API answer that waits for the broker
         self._rate: TokenBucket | None = None  # the route's per-connection rate limit (ratelimit.py), if it has one
         self.bytes_in = 0
         self.bytes_out = 0
         self.opened_at = server.loop.now
         self.last_seen = self.opened_at
-        self._timer: Timer | None = None
-        self._timer_kind = _T_IDLE
-        #: Loop time at which the token of an authenticated connection expires (exp + leeway): the idle timer is
-        #: never armed past it, and closes with 3000 when it fires. Infinity: no token, or one without exp.
-        self._expires = _NEVER
-        # The lingering close (DRAINING): bytes we still read and throw away, and when a held close frame must go.
-        self._linger_left = limits.linger_max_bytes
-        self._linger_until = 0.0
         self.ws.max_discard = limits.linger_max_bytes
         self._set_timer(server.config.timeouts.handshake, _T_IDLE)
+
+    def _more(self) -> _Extra:
+        extra = self._extra
+        if extra is None:
+            extra = self._extra = _Extra()
+        return extra
+
+    @property
+    def router(self) -> Router | None:
+        """The connection's own router (the operator listener's); None: the server's current one."""
+        extra = self._extra
+        return extra.router if extra is not None else None
+
+    @router.setter
+    def router(self, router: Router | None) -> None:
+        if router is not None or self._extra is not None:
+            self._more().router = router
+
+    @property
+    def remote(self) -> tuple[str, int]:
+        """The peer's (address, port): the client's, behind a trusted proxy, once the request head is read."""
+        return self.host, self.port
+
+    @remote.setter
+    def remote(self, remote: tuple[str, int]) -> None:
+        self.host, self.port = remote
+
+    @property
+    def _wsize(self) -> int:
+        """Bytes in the write queue (``_wq``); 0 when there is none."""
+        wq = self._wq
+        return wq.size if wq is not None else 0
+
+    @_wsize.setter
+    def _wsize(self, size: int) -> None:
+        wq = self._wq
+        if wq is not None:
+            wq.size = size
+
+    @property
+    def _awaiting_pong(self) -> float:
+        """Loop time of the keepalive ping that waits for its pong; 0.0: none (any input answers it too)."""
+        extra = self._extra
+        return extra.awaiting_pong if extra is not None else 0.0
+
+    @_awaiting_pong.setter
+    def _awaiting_pong(self, when: float) -> None:
+        extra = self._extra
+        if when:
+            self._more().awaiting_pong = when
+        elif extra is not None:
+            extra.awaiting_pong = 0.0
+            if extra.unused:
+                self._extra = None
+
+    @property
+    def _expires(self) -> float:
+        extra = self._extra
+        return extra.expires if extra is not None else _NEVER
+
+    @property
+    def registered(self) -> bool:
+        """In the server's registry of open WebSockets (set and cleared by the server: on_open, on_closed)."""
+        return bool(self._flags & _COUNTED)
+
+    @registered.setter
+    def registered(self, value: bool) -> None:
+        self._flags = self._flags | _COUNTED if value else self._flags & ~_COUNTED
 
     @property
     def session_id(self) -> str:
@@ -375,14 +501,14 @@ class ServerConnection:
     def _defer_input(self) -> None:
         """The protocol stopped at FRAMES_PER_TURN with frames left: parse them next iteration, after the other
         connections had their turn, and read nothing more from this socket until they are done."""
-        if not self._backlog:
-            self._backlog = True
+        if not self._flags & _BACKLOG:
+            self._flags |= _BACKLOG
             self._update_interest()
         self.server.loop.call_soon(self._resume_input)
 
     def _resume_input(self) -> None:
         if self.sock is None or self.phase is not OPEN:
-            self._backlog = False
+            self._flags &= ~_BACKLOG
             return
         ws = self.ws
         events = ws.receive_data(b"")
@@ -393,7 +519,7 @@ class ServerConnection:
         if ws.input_pending and self.sock is not None:
             self.server.loop.call_soon(self._resume_input)
         else:
-            self._backlog = False
+            self._flags &= ~_BACKLOG
             self._update_interest()
             self._input_resumed()
         if ws.has_output or ws.close_transport:
@@ -417,8 +543,8 @@ class ServerConnection:
         self._sent_from_queue(sent)
         if self._wq is None:
             self._after_drain()
-        elif self._paused and self._wsize <= self.server.low_water:
-            self._paused = False
+        elif self._flags & _PAUSED and self._wsize <= self.server.low_water:
+            self._flags &= ~_PAUSED
             self._update_interest()
 
     def _send_pieces(self, pieces: list[bytes | bytearray | memoryview]) -> int:
@@ -518,18 +644,21 @@ class ServerConnection:
             return
         self.route = route
         self.phase = OPEN
+        if self.path == route.path:  # a literal route: its own string, not one copy per connection
+            self.path = route.path
         if route.max_messages_per_second:  # a full bucket per connection; a reload changes new connections only
             self._rate = TokenBucket(server.loop, route.max_messages_per_second, route.burst,
                                      route.rate_limit_action == "drop")
         session = self.session = PluginSession(
-            self, ws, request.head, outcome.params, outcome.response.headers.get("Sec-WebSocket-Protocol")
+            self, ws, request.head, outcome.params, outcome.response.headers.get("Sec-WebSocket-Protocol"),
+            request.headers.get("Sec-WebSocket-Key"),
         )
         identity = outcome.identity
         if identity is not None:  # an auth = "jwt" route (server.on_open joins it to user:<sub>)
             session._user = identity.user
             session._claims = identity.claims
             if identity.expires is not None:  # exp is wall-clock time; the loop counts monotonic time
-                self._expires = server.loop.now + max(0.0, identity.expires - time.time())
+                self._more().expires = server.loop.now + max(0.0, identity.expires - time.time())
         server.on_open(self)
         self._reset_idle_timer()
         try:
@@ -549,7 +678,7 @@ class ServerConnection:
             outcome = answer_body(request, self.remote, endpoint, event.body)
             pending = outcome.pending
             if pending is not None:  # the answer needs the broker (history, presence): it comes within a second or
-                self._pending_answer = pending  # two, and the handshake timeout still bounds the wait
+                self._more().pending_answer = pending  # two, and the handshake timeout still bounds the wait
                 pending.then(lambda result: self._answer_later(pending, request, result))
                 return
         if outcome.raised is not None:
@@ -558,9 +687,10 @@ class ServerConnection:
         self._answered(outcome, request.path)
 
     def _answer_later(self, pending: Pending, request: Request, result: HttpResult) -> None:
-        if self._pending_answer is not pending:  # timed out (408), or the connection is gone
+        extra = self._extra
+        if extra is None or extra.pending_answer is not pending:  # timed out (408), or the connection is gone
             return
-        self._pending_answer = None
+        extra.pending_answer = None
         outcome = answer_later(request, self.remote, result)
         self.ws.send_response(outcome.response)
         self._answered(outcome, request.path)
@@ -574,9 +704,10 @@ class ServerConnection:
 
     def _refuse(self, status: int, reason: str, failure: str, headers: list[tuple[str, str]] | None = None) -> None:
         """Answer a request head we cannot read, or one that never came, with ``status`` (and end the connection)."""
-        if self._pending_answer is not None:
-            self._pending_answer.cancel()
-            self._pending_answer = None
+        extra = self._extra
+        if extra is not None and extra.pending_answer is not None:
+            extra.pending_answer.cancel()
+            extra.pending_answer = None
         self._refused(status, reason, None, failure)
         self.ws.send_response(self.ws.reject(status, reason, headers or ()))
         self._end_handshake()
@@ -739,7 +870,8 @@ class ServerConnection:
         wq = self._wq
         server = self.server
         if wq is None:
-            wq = self._wq = deque()
+            wq = self._wq = _WriteQueue()
+            wq.size = 0
             server.backlogged.add(self)
         for piece in pieces:
             if len(piece) < _SMALL:
@@ -750,7 +882,7 @@ class ServerConnection:
                     wq.append(bytearray(piece))
             else:
                 wq.append(piece)
-        self._wsize += total
+        wq.size += total
         server.buffered_total += total
         if server.buffered_total > server.max_buffered_total:
             server.shed_write_buffers()
@@ -763,8 +895,8 @@ class ServerConnection:
         if size > server.hard_limit:
             self._drop_slow_consumer(size)
             return
-        if size > server.high_water and not self._paused:
-            self._paused = True  # stop reading what this peer sends until it reads what we send
+        if size > server.high_water and not self._flags & _PAUSED:
+            self._flags |= _PAUSED  # stop reading what this peer sends until it reads what we send
         self._update_interest()
 
     def _drop_slow_consumer(self, size: int, over_budget: bool = False) -> None:
@@ -824,7 +956,7 @@ class ServerConnection:
 
     def _after_drain(self) -> None:
         """The write buffer just emptied."""
-        self._paused = False
+        self._flags &= ~_PAUSED
         if self.ws.close_transport:
             self._shutdown_transport()
         else:
@@ -834,18 +966,19 @@ class ServerConnection:
         sock = self.sock
         if sock is None:
             return
-        events = (0 if (self._paused and self.phase is OPEN) or self._backlog else _READ) | (
+        flags = self._flags
+        events = (0 if (flags & _PAUSED and self.phase is OPEN) or flags & _BACKLOG else _READ) | (
             _WRITE if self._wq is not None else 0
         )
-        if events != self._events:
+        if events != flags & _INTEREST:
             loop = self.server.loop
             if events == 0:
                 loop.unregister(sock)
-            elif self._events == 0:
+            elif not flags & _INTEREST:
                 loop.register(sock, events, self)
             else:
                 loop.modify(sock, events, self)
-            self._events = events
+            self._flags = flags & ~_INTEREST | events
 
     def _shutdown_transport(self) -> None:
         """The lingering close (DRAINING in the module docstring): our FIN after the last byte, then input read and
@@ -859,16 +992,16 @@ class ServerConnection:
         ws = self.ws
         if sock is None or ws.state is not _S_CLOSED:
             return
-        kind = self._timer_kind
-        if self.phase is DRAINING and self._timer is not None and kind is _T_LINGER:
+        kind = self._flags & _T_KIND
+        if self.phase is DRAINING and self._tnext is not None and kind == _T_LINGER:
             return  # our FIN is out
         server = self.server
         self.phase = DRAINING
         server.handshaking.pop(self.id, None)
         linger = server.config.timeouts.linger
         if ws.holding_close:
-            if kind is not _T_HOLD:
-                self._linger_until = server.loop.now + linger
+            if kind != _T_HOLD:
+                self._more().linger_until = server.loop.now + linger
                 self._set_timer(min(_HOLD_IDLE, linger), _T_HOLD)
                 self._update_interest()
             return
@@ -889,12 +1022,13 @@ class ServerConnection:
             server = self.server
             ws.receive_data(server.recv_view[:n])  # frame headers only: the payload is skipped, never copied
             if ws.holding_close:
-                self._set_timer(min(_HOLD_IDLE, self._linger_until - server.loop.now), _T_HOLD)
+                self._set_timer(min(_HOLD_IDLE, self._more().linger_until - server.loop.now), _T_HOLD)
             else:
                 self._flush_later()
             return
-        left = self._linger_left = self._linger_left - n
-        if left < 0:
+        extra = self._more()
+        extra.discarded += n
+        if extra.discarded > self.ws.max_discard:  # [limits] linger_max_bytes
             self._close_socket()
 
     def _end_hold(self) -> None:
@@ -903,34 +1037,29 @@ class ServerConnection:
         self._flush_later()
 
     # ================================================================== timers
-    def _set_timer(self, delay: float, kind: _TimerKind) -> None:
-        """One timer per connection, re-armed in place: a later deadline just moves ``when`` and the loop
-        re-queues the timer when the old deadline comes, so re-arming costs no allocation and leaves no
-        cancelled garbage in the heap. The connection itself is the callback (``__call__``): no bound method.
+    def _set_timer(self, delay: float, kind: int) -> None:
+        """One timer per connection, the connection itself (a :class:`TimerEntry`: ``__call__`` when it fires),
+        re-armed in place for its next deadline, later or earlier: no Timer object, no bound method, no float per
+        connection (the loop keeps the entries due in the same tick together, with one deadline for all).
         The idle timer of an authenticated connection is never armed past its token's expiry (``_expires``), so
         the same timer closes it with 3000 then: no second timer per connection."""
         loop = self.server.loop
         when = loop.now + delay
-        if kind is _T_IDLE and when > self._expires:
-            when = self._expires
-        self._timer_kind = kind
-        timer = self._timer
-        if timer is not None and not timer.cancelled:
-            if timer.when <= when:
-                timer.when = when
-                return
-            timer.cancel()
-        self._timer = loop.call_at(when, self)
+        if kind == _T_IDLE:
+            extra = self._extra
+            if extra is not None and when > extra.expires:
+                when = extra.expires
+        self._flags = self._flags & ~_T_KIND | kind
+        loop.arm(self, when)
 
     def __call__(self) -> None:
         """The connection's timer fired."""
-        self._timer = None
-        kind = self._timer_kind
-        if kind is _T_IDLE:
+        kind = self._flags & _T_KIND
+        if kind == _T_IDLE:
             self._on_timer()
-        elif kind is _T_CLOSE:
+        elif kind == _T_CLOSE:
             self._on_close_timeout()
-        elif kind is _T_HOLD:
+        elif kind == _T_HOLD:
             self._end_hold()
         else:
             self._close_socket()  # linger over
@@ -943,7 +1072,6 @@ class ServerConnection:
 
     def _on_timer(self) -> None:
         """Handshake timeout, or idle keepalive: ping after ``ping_interval`` idle, fail if no answer in time."""
-        self._timer = None
         server = self.server
         timeouts = server.config.timeouts
         now = server.loop.now
@@ -980,7 +1108,6 @@ class ServerConnection:
         self._set_timer(timeouts.ping_timeout, _T_IDLE)
 
     def _on_close_timeout(self) -> None:
-        self._timer = None
         if self.ws.state is _S_CLOSING:
             closed = self.ws.abort("close timeout: no close frame from the peer")
             if closed is not None:
@@ -1004,12 +1131,10 @@ class ServerConnection:
             self._on_ws_closed(closed)
         self.sock = None
         self.phase = CLOSED
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._events:
+        self.server.loop.disarm(self)
+        if self._flags & _INTEREST:
             self.server.loop.unregister(sock)
-            self._events = 0
+            self._flags &= ~_INTEREST
         try:
             sock.close()
         except OSError:
@@ -1019,9 +1144,10 @@ class ServerConnection:
             self.server.backlogged.discard(self)
             self._wq = None
             self._wsize = 0
-        if self._pending_answer is not None:
-            self._pending_answer.cancel()
-            self._pending_answer = None
+        extra = self._extra
+        if extra is not None and extra.pending_answer is not None:
+            extra.pending_answer.cancel()
+            extra.pending_answer = None
         self.server.on_gone(self)
         # The session and the connection refer to each other: let go of it here, so that reference counting frees
         # both now (a plugin that keeps its session still has a harmless, closed one).

@@ -7,6 +7,7 @@ broadcast walks its members once and hands each the same encoded frame.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import resource
@@ -80,13 +81,27 @@ class Listener:
         #: None: the server's WebSocket router; the operator listener has one with only /healthz and /metrics.
         self.router = router
         sock.setblocking(False)
+        # accept() makes a socket.socket of each new descriptor; the call it makes for the descriptor
+        # (_socket.socket._accept, the accept4() system call) is used here, and the connection's socket made of the
+        # descriptor is a bare _socket.socket: 48 bytes against 96 with the subclass's slots and garbage collector
+        # header (memory per connection), and one object less to make per accept. Elsewhere, accept() itself.
+        self._accept: Callable[[], tuple[int, Any]] | None = getattr(sock, "_accept", None)
+        self._kind = (sock.family, sock.type, sock.proto)  # what accept() gives its sockets: the listener's
 
     def handle_event(self, mask: int) -> None:
         server = self.server
-        accept = self.sock.accept
+        accept_fd = self._accept
+        if accept_fd is None:
+            accept = self.sock.accept
+        family, kind, proto = self._kind
+        raw = _socket.socket
         for _ in range(_ACCEPT_BATCH):
             try:
-                conn, addr = accept()
+                if accept_fd is not None:
+                    fd, addr = accept_fd()
+                    conn = raw(family, kind, proto, fd)
+                else:
+                    conn, addr = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -167,12 +182,15 @@ class Server:
         self.recv_buffer = bytearray(_RECV_SIZE)
         self.recv_view = memoryview(self.recv_buffer)
         self.dirty: list[ServerConnection] = []
+        self._spare_out: list[bytes | bytearray | memoryview] | None = None  # lent to each flush (_flush_dirty)
         # Write buffers: the connections with unsent output, and the sum of their unsent bytes (a broadcast frame
         # queued on many counts once per recipient: an upper bound of the memory held).
         self.backlogged: set[ServerConnection] = set()
         self.buffered_total = 0
         self.connections: dict[int, ServerConnection] = {}  # every accepted socket, by id
-        self.sessions: dict[int, ServerConnection] = {}  # open WebSocket connections, by id
+        # The open WebSockets are the connections marked registered (ServerConnection.registered), and counted
+        # here: no registry of their own (a dict entry per connection is memory per connection).
+        self._open_count = 0
         self.groups: dict[str, dict[int, ServerConnection]] = {}
         # Presence (selectws/server/presence.py): the info each local member joined with (by group, then connection
         # id; only for members that have one), and what the other instances have (fed by the broker).
@@ -217,8 +235,8 @@ class Server:
         # Hardening: sockets still in the opening handshake, open WebSockets per client address (the address
         # after trusted_proxies), and the rate limit of the "too many pending handshakes" warning.
         self.handshaking: dict[int, ServerConnection] = {}
-        self.per_ip: dict[str, int] = {}
-        self._ip_of: dict[int, str] = {}  # connection id -> the address it is counted under in per_ip
+        self.per_ip: dict[str, int] = {}  # open WebSockets by address (conn.host, counted while registered)
+        self._ip_names: dict[str, str] = {}  # the same keys: the one string of each address its connections share
         self._pending_refused_unlogged = 0
         self._pending_warned_at = float("-inf")
         self._shed_unlogged = 0  # connections dropped by the write buffer budget since its last warning
@@ -236,9 +254,9 @@ class Server:
         c = self.counters
         live = self.connections.values()
         by_route: dict[str, int] = {route.path: 0 for route in self.router.routes}
-        for conn in self.sessions.values():
+        for conn in live:
             route = conn.route
-            if route is not None:
+            if route is not None and conn.registered:
                 by_route[route.path] = by_route.get(route.path, 0) + 1
         return ServerStats(
             started_at=self.started_at,
@@ -476,7 +494,7 @@ class Server:
 
     # ------------------------------------------------------------------ connections
     def accept_connection(
-        self, sock: socket.socket, addr: Any, router: Router | None = None
+        self, sock: _socket.socket, addr: Any, router: Router | None = None
     ) -> ServerConnection | None:
         """Serve an accepted socket; the connection, or None if it was refused (and closed) at once."""
         if router is None and len(self.handshaking) >= self.max_pending_handshakes:
@@ -508,7 +526,7 @@ class Server:
         self.loop.register(conn.sock, selectors.EVENT_READ, conn)  # the SSLSocket for TLS
         return conn
 
-    def _refuse_pending(self, sock: socket.socket, addr: Any) -> None:
+    def _refuse_pending(self, sock: _socket.socket, addr: Any) -> None:
         """Too many sockets in the opening handshake: answer 503 at once (best effort, never blocking) and close.
 
         Logged at most once per burst (every 10 s while it lasts, with the count refused since the last line).
@@ -540,20 +558,44 @@ class Server:
     def admission(self) -> Admission:
         """What the limits and state allow a new WebSocket right now (read by the handshake decision)."""
         return Admission(
-            open_count=len(self.sessions), max_connections=self.max_connections, per_ip=self.per_ip,
+            open_count=self._open_count, max_connections=self.max_connections, per_ip=self.per_ip,
             max_per_ip=self.max_connections_per_ip, draining=self.draining, deflate=self.deflate_settings,
             trusted_proxies=self.trusted_proxies, jwt=self.jwt, per_user=self.per_user,
             max_per_user=self.max_connections_per_user,
         )
 
-    def _uncount_ip(self, conn: ServerConnection) -> None:
-        ip = self._ip_of.pop(conn.id, None)
-        if ip is not None:
-            left = self.per_ip[ip] - 1
-            if left:
-                self.per_ip[ip] = left
-            else:
-                del self.per_ip[ip]
+    @property
+    def sessions(self) -> dict[int, ServerConnection]:
+        """The open WebSocket connections, by id (computed: the registry is the ``registered`` mark)."""
+        return {conn_id: conn for conn_id, conn in self.connections.items() if conn.registered}
+
+    def _register(self, conn: ServerConnection) -> None:
+        """``conn`` is an open WebSocket: count it, and by its address (whose one string it shares from now on)."""
+        conn.registered = True
+        self._open_count += 1
+        ip = conn.host
+        count = self.per_ip.get(ip)
+        if count is None:
+            self.per_ip[ip] = 1
+            self._ip_names[ip] = ip
+        else:
+            self.per_ip[ip] = count + 1
+            conn.host = self._ip_names.get(ip, ip)
+
+    def _unregister(self, conn: ServerConnection) -> bool:
+        """Uncount ``conn`` (see :meth:`_register`); False if it was not counted (never, or already not)."""
+        if not conn.registered:
+            return False
+        conn.registered = False
+        self._open_count -= 1
+        ip = conn.host
+        left = self.per_ip.get(ip, 1) - 1
+        if left:
+            self.per_ip[ip] = left
+        else:
+            self.per_ip.pop(ip, None)
+            self._ip_names.pop(ip, None)
+        return True
 
     def _uncount_user(self, conn: ServerConnection) -> None:
         user = self._user_of.pop(conn.id, None)
@@ -568,14 +610,11 @@ class Server:
         """``conn`` completed its opening handshake."""
         if conn.router is not None:  # the admin feed on the operator listener: the operator's, not a client
             return
-        self.sessions[conn.id] = conn
+        self._register(conn)
         self.handshaking.pop(conn.id, None)
-        ip = conn.remote[0]
-        self._ip_of[conn.id] = ip
-        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         session = conn.session
         self.log.info(
-            "open", conn=conn.id, peer=conn.remote[0], port=conn.remote[1], path=conn.path,
+            "open", conn=conn.id, peer=conn.host, port=conn.port, path=conn.path,
             subprotocol=session.subprotocol if session is not None else None,
         )
         if self.hooks:
@@ -588,9 +627,8 @@ class Server:
 
     def on_closed(self, conn: ServerConnection, event: Closed) -> None:
         """The WebSocket of ``conn`` ended (its socket may still be draining)."""
-        if self.sessions.pop(conn.id, None) is None:
+        if not self._unregister(conn):
             return
-        self._uncount_ip(conn)
         self._uncount_user(conn)
         session = conn.session
         if session is not None:
@@ -599,7 +637,7 @@ class Server:
         codes = self.counters.close_codes
         codes[event.code] = codes.get(event.code, 0) + 1
         self.log.info(
-            "close", conn=conn.id, peer=conn.remote[0], path=conn.path, code=event.code,
+            "close", conn=conn.id, peer=conn.host, path=conn.path, code=event.code,
             reason=event.reason, by_peer=event.by_peer, duration=round(self.loop.now - conn.opened_at, 3),
             bytes_in=conn.bytes_in, bytes_out=conn.bytes_out,
         )
@@ -609,7 +647,7 @@ class Server:
     def on_gone(self, conn: ServerConnection) -> None:
         """The socket of ``conn`` is closed: forget it."""
         self.handshaking.pop(conn.id, None)
-        self._uncount_ip(conn)  # normally done by on_closed already; never leaks either way
+        self._unregister(conn)  # normally done by on_closed already; never leaks either way
         self._uncount_user(conn)
         if self.connections.pop(conn.id, None) is not None:
             self.counters.closed_bytes_in += conn.bytes_in
@@ -645,16 +683,26 @@ class Server:
             self._shed_unlogged = 0
 
     def _flush_dirty(self) -> None:
+        # take_output() alternates two lists per protocol object, so that the hot path allocates none. The second
+        # one is lent here, one list for all connections in turn: an idle connection holds one empty list, not two.
         dirty = self.dirty
+        spare = self._spare_out
         while dirty:
             batch = dirty[:]
             dirty.clear()
             for conn in batch:
+                ws = conn.ws
+                ws._out_spare = spare
                 conn.flush()
+                spare = ws._out_spare
+                ws._out_spare = None
+                if spare:  # not emptied (the send failed): it is never lent to another connection
+                    spare = None
+        self._spare_out = spare
 
     @property
     def open_count(self) -> int:
-        return len(self.sessions)
+        return self._open_count
 
     # ------------------------------------------------------------------ ServerAPI for plugins
     def join(self, session: Session, group: str, *, info: dict[str, Any] | None = None,
@@ -664,7 +712,7 @@ class Server:
         meanwhile wait, and ``then`` gets the :class:`Recovery` before they go out."""
         if "\x00" in group:
             raise ValueError("a group name cannot contain NUL")
-        conn = self.sessions.get(_local_id(session))
+        conn = self._open_conn(_local_id(session))
         if conn is None or conn.session is None:
             return
         details = check_info(info) if info is not None else None
@@ -945,11 +993,16 @@ class Server:
         instance, _, number = str(session_id).rpartition(".")
         if instance != self.instance_id or not (number.isascii() and number.isdigit()):
             return None
-        conn = self.sessions.get(int(number))
+        conn = self._open_conn(int(number))
         return conn.session if conn is not None else None
 
+    def _open_conn(self, conn_id: int) -> ServerConnection | None:
+        """The open WebSocket connection with this id (registered), if any."""
+        conn = self.connections.get(conn_id)
+        return conn if conn is not None and conn.registered else None
+
     def all_sessions(self) -> list[Session]:
-        return [conn.session for conn in self.sessions.values() if conn.session is not None]
+        return [conn.session for conn in self.connections.values() if conn.registered and conn.session is not None]
 
     # ------------------------------------------------------------------ signals, shutdown
     def _on_stop_signal(self, signum: int) -> None:
@@ -957,7 +1010,7 @@ class Server:
             self.log.warning("second stop signal: closing everything now", signal=signal.Signals(signum).name)
             self._finish_shutdown()
             return
-        self.log.info("stop signal: draining", signal=signal.Signals(signum).name, connections=len(self.sessions))
+        self.log.info("stop signal: draining", signal=signal.Signals(signum).name, connections=self._open_count)
         self.shutdown()
 
     def _on_reload_signal(self, signum: int) -> None:
@@ -1015,7 +1068,7 @@ class Server:
     # ------------------------------------------------------------------ periodic
     def status_text(self) -> str:
         """The ``STATUS=`` systemd shows: connections open and accepted so far (and whether draining)."""
-        n = len(self.sessions)
+        n = self._open_count
         text = f"{n} connection{'' if n == 1 else 's'} open, {self.counters.accepted} accepted"
         return f"draining: {text}" if self.draining else text
 

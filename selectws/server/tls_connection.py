@@ -23,12 +23,13 @@ Closing is TCP's: ``shutdown(SHUT_WR)`` after the last byte (an ``SSLSocket`` dr
 
 from __future__ import annotations
 
+import _socket
 import selectors
 import socket
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from selectws.server.connection import HANDSHAKE, ServerConnection
+from selectws.server.connection import _BACKLOG, _INTEREST, _PAUSED, HANDSHAKE, ServerConnection
 from selectws.server.refusals import tls_failure_level
 from selectws.transport.tls import step_tls_handshake
 
@@ -57,10 +58,11 @@ class TlsServerConnection(ServerConnection):
     _would_block = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
     def __init__(
-        self, server: Server, sock: socket.socket, remote: tuple[str, int], conn_id: int, context: ssl.SSLContext
+        self, server: Server, sock: _socket.socket, remote: tuple[str, int], conn_id: int, context: ssl.SSLContext
     ) -> None:
-        # Raises OSError if the peer is already gone (the SSLSocket then closes the descriptor itself).
-        tls_sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        # Raises OSError if the peer is already gone (the SSLSocket then closes the descriptor itself). The server
+        # accepts bare _socket.socket objects: wrap_socket() takes one (it only detaches its descriptor).
+        tls_sock = context.wrap_socket(cast(socket.socket, sock), server_side=True, do_handshake_on_connect=False)
         self._tls_handshaking = True
         super().__init__(server, tls_sock, remote, conn_id)
 
@@ -89,9 +91,10 @@ class TlsServerConnection(ServerConnection):
         self._on_readable()  # the request may have come with the last handshake flight
 
     def _tls_interest(self, events: int) -> None:
-        if events != self._events and self.sock is not None:
+        flags = self._flags
+        if events != flags & _INTEREST and self.sock is not None:
             self.server.loop.modify(self.sock, events, self)
-            self._events = events
+            self._flags = flags & ~_INTEREST | events
 
     def _tls_failed(self, reason: str) -> None:
         server = self.server
@@ -106,7 +109,6 @@ class TlsServerConnection(ServerConnection):
 
     def _on_timer(self) -> None:
         if self._tls_handshaking and self.phase is HANDSHAKE:
-            self._timer = None
             self._tls_failed("handshake timeout")
             return
         ServerConnection._on_timer(self)
@@ -117,7 +119,7 @@ class TlsServerConnection(ServerConnection):
         for _ in range(_READ_BUDGET):
             before = self.bytes_in
             ServerConnection._on_readable(self)
-            if self.bytes_in == before or self.sock is not sock or self._paused or self._backlog:
+            if self.bytes_in == before or self.sock is not sock or self._flags & (_PAUSED | _BACKLOG):
                 return  # nothing more to read now (want-read), closed, paused by backpressure, or input left
         if sock.pending():
             # Budget spent with decrypted bytes left inside TLS: the selector would never report them.
@@ -125,7 +127,7 @@ class TlsServerConnection(ServerConnection):
             loop.call_at(loop.now, self._read_pending)
 
     def _read_pending(self) -> None:
-        if self.sock is not None and not self._paused and not self._tls_handshaking and not self._backlog:
+        if self.sock is not None and not self._flags & (_PAUSED | _BACKLOG) and not self._tls_handshaking:
             self._on_readable()
 
     def _input_resumed(self) -> None:

@@ -1,15 +1,18 @@
 """The event loop: one ``selectors.DefaultSelector``, a timer heap, signals through a wakeup fd.
 
 It is deliberately boring. Each registered file object carries a handler in ``SelectorKey.data`` whose
-``handle_event(mask)`` is called when the selector reports it. Timers are :class:`Timer` objects in a heap, ordered
-by their ``deadline`` (no tuple and no sequence number per entry: there is a timer per connection, so that is
-memory per connection), cancelled lazily: a cancelled timer drops its callback at once, and the heap is rebuilt
-without the cancelled entries when they are most of it, as asyncio does. Signal handlers only write the signal
-number to a socketpair (:func:`signal.set_wakeup_fd`), and the loop runs the Python-level handler between
-iterations, so no code ever runs inside a signal handler and no system call is ever interrupted half-way. After
-the I/O callbacks, signal handlers and timers of an iteration, ``end_of_iteration`` hooks run (the server flushes
-every connection that got output, one ``send`` per connection per iteration). :meth:`EventLoop.run` repeats
-:meth:`EventLoop.run_once`, which a test may call itself to step the loop.
+``handle_event(mask)`` is called when the selector reports it. A connection is its own timer (:class:`TimerEntry`,
+:meth:`EventLoop.arm`): the loop keeps the entries due in the same tick (under 1/128 of their delay) in one
+bucket, a list threaded through the entries themselves, so a connection's timer costs two pointers and no object,
+and moving or dropping it is O(1). Other timers are :class:`Timer` objects in a heap (one per bucket among them),
+ordered by their ``deadline`` (no tuple and no sequence number per entry), cancelled lazily: a cancelled timer
+drops its callback at once, and the heap is rebuilt without the cancelled entries when they are most of it, as
+asyncio does. Signal handlers only write the signal number to a socketpair (:func:`signal.set_wakeup_fd`), and the
+loop runs the Python-level handler between iterations, so no code ever runs inside a signal handler and no system
+call is ever interrupted half-way. After the I/O callbacks, signal handlers and timers of an iteration,
+``end_of_iteration`` hooks run (the server flushes every connection that got output, one ``send`` per connection
+per iteration). :meth:`EventLoop.run` repeats :meth:`EventLoop.run_once`, which a test may call itself to step
+the loop.
 """
 
 from __future__ import annotations
@@ -76,6 +79,56 @@ class Timer:
             loop._timer_cancelled()
 
 
+#: The deadline of a :class:`TimerEntry` is rounded up to a tick of its delay's scale: a power of two between
+#: 1/256 and 1/128 of the delay (1/8 s for a 20 s keepalive), and at least 2**_MIN_TICK_EXPONENT s (about 1 ms).
+#: It is never early, and late by less than 1/128 of its delay; the entries due in the same tick share one bucket,
+#: one heap entry and one float (none of it per entry).
+_TICK_BITS = 8
+_MIN_TICK_EXPONENT = -10
+
+
+class TimerEntry:
+    """Base of an object that is its own timer (a connection: one timer each, re-armed all its life).
+
+    :meth:`EventLoop.arm` puts it in the bucket of its deadline, rounded up to a tick (less than 1/128 of the
+    delay): a circular doubly-linked list threaded through the objects themselves (``_tprev``, ``_tnext``), with
+    one heap entry and one deadline per bucket, not per object. Arming, re-arming (later or earlier) and
+    :meth:`EventLoop.disarm` are O(1) and allocate nothing, and a disarmed object is referenced by nothing, so it is
+    freed as soon as its last other reference goes. When its bucket is due the loop disarms it and calls it.
+    Subclasses set ``_tprev`` and ``_tnext`` to None in ``__init__`` (no ``super().__init__()`` call needed).
+    """
+
+    __slots__ = ("_tnext", "_tprev")
+
+    _tnext: TimerEntry | _Bucket | None
+    _tprev: TimerEntry | _Bucket | None
+
+    @property
+    def armed(self) -> bool:
+        return self._tnext is not None
+
+    def __call__(self) -> None:
+        """The deadline came (the entry is disarmed by then: re-arming it here is allowed)."""
+        raise NotImplementedError
+
+
+class _Bucket(Timer):
+    """The armed :class:`TimerEntry` objects of one tick: the Timer of the tick in the heap (its own callback), and
+    the sentinel of their list. An empty list points at the bucket itself; the pointers are cleared when the bucket
+    goes (no cycle is left: the Timer's callback is dropped when it fires or is cancelled, as for any Timer)."""
+
+    __slots__ = ("_tnext", "_tprev", "owner")
+
+    def __init__(self, loop: EventLoop, deadline: float) -> None:
+        super().__init__(deadline, self, loop)
+        self._tnext: TimerEntry | _Bucket | None = self
+        self._tprev: TimerEntry | _Bucket | None = self
+        self.owner = loop  # _loop is the heap's (None once fired or cancelled)
+
+    def __call__(self) -> None:
+        self.owner._fire_bucket(self)
+
+
 class _SignalWakeup:
     """Readable end of the wakeup socketpair: each byte is a signal number."""
 
@@ -112,6 +165,8 @@ class EventLoop:
                 self._epoll = self._fd_to_key = None
         self._timers: list[Timer] = []  # a heap, by deadline
         self._cancelled_timers = 0  # entries of _timers whose timer is cancelled
+        self._buckets: dict[float, _Bucket] = {}  # the armed TimerEntry objects, by (rounded) deadline
+        self._armed = 0  # TimerEntry objects in the buckets
         self._running = False
         self._signal_handlers: dict[int, Callable[[int], None]] = {}
         self._pending_signals: list[int] = []
@@ -151,10 +206,72 @@ class EventLoop:
         heapq.heappush(self._timers, timer)
         return timer
 
+    def arm(self, entry: TimerEntry, when: float) -> None:
+        """Call ``entry`` at ``when`` (rounded up to its tick: see _TICK_BITS), instead of whenever it was armed for."""
+        exponent = math.frexp(when - self.now)[1] - _TICK_BITS
+        tick = math.ldexp(1.0, exponent if exponent > _MIN_TICK_EXPONENT else _MIN_TICK_EXPONENT)
+        try:
+            key = math.ceil(when / tick) * tick
+        except (OverflowError, ValueError):  # infinite: never (a bucket whose Timer never fires)
+            key = when
+        buckets = self._buckets
+        bucket = buckets.get(key)
+        if entry._tnext is not None:
+            self._unlink(entry, bucket)
+        else:
+            self._armed += 1
+        if bucket is None:
+            bucket = buckets[key] = _Bucket(self, key)
+            heapq.heappush(self._timers, bucket)
+        tail = bucket._tprev
+        assert tail is not None
+        entry._tprev = tail
+        entry._tnext = bucket
+        tail._tnext = entry
+        bucket._tprev = entry
+
+    def disarm(self, entry: TimerEntry) -> None:
+        """``entry`` will not be called (nothing happens if it is not armed)."""
+        if entry._tnext is not None:
+            self._unlink(entry, None)
+            self._armed -= 1
+
+    def _unlink(self, entry: TimerEntry, keep: _Bucket | None) -> None:
+        """Take ``entry`` out of its bucket; a bucket left empty goes, with its Timer (unless it is ``keep``)."""
+        prev, after = entry._tprev, entry._tnext
+        assert prev is not None and after is not None
+        prev._tnext = after
+        after._tprev = prev
+        entry._tprev = entry._tnext = None
+        if prev is after and type(prev) is _Bucket and prev is not keep:
+            bucket = prev
+            if self._buckets.get(bucket.deadline) is bucket:  # not the one being fired (_fire_bucket clears it)
+                del self._buckets[bucket.deadline]
+                bucket._tnext = bucket._tprev = None
+                bucket.cancel()
+
+    def _fire_bucket(self, bucket: _Bucket) -> None:
+        """A bucket's deadline came: call its entries, each disarmed first (one may re-arm, or disarm another)."""
+        if self._buckets.get(bucket.deadline) is bucket:
+            del self._buckets[bucket.deadline]
+        while True:
+            entry = bucket._tnext
+            if entry is bucket or entry is None:
+                break
+            assert isinstance(entry, TimerEntry)
+            after = entry._tnext
+            assert after is not None
+            bucket._tnext = after
+            after._tprev = bucket
+            entry._tprev = entry._tnext = None
+            self._armed -= 1
+            entry()
+        bucket._tnext = bucket._tprev = None
+
     @property
     def timer_count(self) -> int:
-        """Live (not cancelled) timers in the heap."""
-        return len(self._timers) - self._cancelled_timers
+        """Live (not cancelled) timers in the heap, plus armed :class:`TimerEntry` objects (not their buckets)."""
+        return len(self._timers) - self._cancelled_timers - len(self._buckets) + self._armed
 
     @property
     def timer_heap_size(self) -> int:
@@ -252,8 +369,9 @@ class EventLoop:
                 ready = []
             start = self.now = time.monotonic()
             for fd, flags in ready:
-                key = fd_to_key.get(fd)
-                if key is None:  # unregistered by an earlier handler of this iteration
+                try:
+                    key = fd_to_key[fd]
+                except KeyError:  # unregistered by an earlier handler of this iteration
                     continue
                 if flags == _EPOLLIN:  # the common case: readable only, and always wanted
                     key.data.handle_event(_EVENT_READ)
@@ -267,8 +385,10 @@ class EventLoop:
         else:
             events = self.selector.select(timeout)
             start = self.now = time.monotonic()
+            registered = self.selector.get_map()
             for key, mask in events:
-                key.data.handle_event(mask)
+                if registered.get(key.fileobj) is key:  # not unregistered by an earlier handler of this iteration
+                    key.data.handle_event(mask)
         for callback in soon:
             callback()
         if self._pending_signals:
@@ -306,6 +426,15 @@ class EventLoop:
             timer._loop = None
         self._timers.clear()
         self._cancelled_timers = 0
+        for bucket in self._buckets.values():  # our copies of the parent's entries: unlinked, disarmed
+            entry = bucket._tnext
+            while entry is not None and entry is not bucket:
+                after = entry._tnext
+                entry._tprev = entry._tnext = None
+                entry = after
+            bucket._tnext = bucket._tprev = None
+        self._buckets.clear()
+        self._armed = 0
         self._soon.clear()
         self.end_of_iteration.clear()
 

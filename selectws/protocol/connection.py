@@ -118,14 +118,13 @@ class Connection:
         "_frag_decoder",
         "_frag_opcode",
         "_frag_size",
-        "_held",
         "_large",
         "_mask_source",
         "_out",
-        "_out_spare",
         "_partial_checked",
         "_plain",
         "close_transport",
+        "held",
         "input_pending",
         "max_discard",
         "max_frame_size",
@@ -160,8 +159,8 @@ class Connection:
         if role is CLIENT:
             self._mask_source = mask_source or _random_mask
         self._buf: bytes | bytearray = b""  # a bytearray only while an incomplete frame waits
-        self._out: list[bytes | bytearray | memoryview] = []
-        self._out_spare: list[bytes | bytearray | memoryview] | None = None  # take_output() alternates lists
+        # What waits to be sent, as pieces; None while nothing does (no empty list per idle connection).
+        self._out: list[bytes | bytearray | memoryview] | None = None
         # Server role without compression: sends take the short path (no masking, no deflate).
         self._plain = role is SERVER and extension is None
         self._frag_opcode = 0  # opcode of the fragmented message in progress, 0 when none
@@ -170,10 +169,11 @@ class Connection:
         self._frag_compressed = False
         # Fail-fast UTF-8 inside one text frame still arriving: how much of its payload is already checked.
         self._partial_checked = 0
-        # A close frame or a violation that followed data messages in one read, held back until the driver has
-        # acted on those messages: (close code, reason, error or None for the peer's close), or _RESUME when only
-        # buffered input is waiting (bytes that came with the opening handshake).
-        self._held: tuple[int, str, str | None] | None = None
+        #: A close frame or a violation that followed data messages in one read, held back until the driver has
+        #: acted on those messages: (close code, reason, error or None for the peer's close), or _RESUME when only
+        #: buffered input is waiting (bytes that came with the opening handshake). Not None: call
+        #: ``receive_data(b"")`` once the events are handled (``events_held``; a driver's hot path reads this).
+        self.held: tuple[int, str, str | None] | None = None
         #: The most frames one ``receive_data`` call parses; what is left waits for the next call
         #: (``input_pending``), so that one peer's flood of tiny frames cannot hold the driver's loop.
         self.max_frames = max_frames
@@ -260,7 +260,7 @@ class Connection:
         ``data`` may be a view of the driver's reusable receive buffer: everything kept past this call is copied.
         When ``events_held`` is true afterwards, call ``receive_data(b"")`` once the events are handled.
         """
-        if self._held is not None:
+        if self.held is not None:
             return self._release_held(data)
         self.input_pending = False
         state = self.state
@@ -271,34 +271,34 @@ class Connection:
         ):
             # The C fast path: whole small text and binary frames, the bulk of most traffic. It stops before
             # anything else, and the general parser below goes on from there (and judges what stopped it).
-            held = self._buf
-            if held:
-                held += data  # a bytearray while input waits
-                data = held  # the general parser below takes it as its buffer, from self._buf
+            waiting = self._buf
+            if waiting:
+                waiting += data  # a bytearray while input waits
+                data = waiting  # the general parser below takes it as its buffer, from self._buf
             left = _scan_messages(data, self.max_frame_size, self.max_message_size, budget, events)
             if not left:  # all of it: the common case
-                if held:
+                if waiting:
                     self._buf = b""
                     if self._partial_checked:  # the text frame checked piecemeal was among the messages
                         self._partial_checked = 0
                         self._partial_decoder = None
                 return events
             if events:
-                if held:
+                if waiting:
                     if self._partial_checked:
                         self._partial_checked = 0
                         self._partial_decoder = None
-                    del held[: len(held) - left]  # type: ignore[union-attr]
+                    del waiting[: len(waiting) - left]  # type: ignore[union-attr]
                 else:
                     data = data[len(data) - left :]
                 budget -= len(events)
                 if not budget:  # the rest waits for the next call
                     self.input_pending = left >= 2
-                    if not held:
+                    if not waiting:
                         self._buf = bytearray(data)
                     return events
-            if held:
-                data = b""  # held is self._buf, which the general parser starts from
+            if waiting:
+                data = b""  # waiting is self._buf, which the general parser starts from
         elif state is _CLOSED:
             if self._skip is not None:  # the rest of an oversized message (max_discard)
                 self._skip_input(data)
@@ -469,7 +469,7 @@ class Connection:
                             # Messages came before the close in this read: hold it back, so that their answers
                             # go out before our reply to it.
                             code, reason = parse_close_payload(payload)
-                            self._held = (code, reason, None)
+                            self.held = (code, reason, None)
                             self._buf = b""
                             self.input_pending = False
                             return events
@@ -497,7 +497,7 @@ class Connection:
             if events and self.state is _OPEN:
                 # Let the driver act on the frames that came before the violation first, so that (say) the echo
                 # of a valid message still precedes our close frame: the failure is held back.
-                self._held = (exc.code, exc.reason, exc.reason)
+                self.held = (exc.code, exc.reason, exc.reason)
             else:
                 append(self._fail_too_big(exc.code, exc.reason))
             return events
@@ -515,13 +515,13 @@ class Connection:
     @property
     def events_held(self) -> bool:
         """Whether :meth:`receive_data` held events back: call ``receive_data(b"")`` after handling the others."""
-        return self._held is not None
+        return self.held is not None
 
     def _release_held(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """The events held back by the previous :meth:`receive_data` (input after a close frame is ignored)."""
-        held = self._held
+        held = self.held
         assert held is not None
-        self._held = None
+        self.held = None
         if held is _RESUME:
             return self.receive_data(data)
         code, reason, error = held
@@ -537,7 +537,7 @@ class Connection:
         self._plain = self.role is SERVER and extension is None
         self.state = _OPEN
         if self._buf:
-            self._held = _RESUME
+            self.held = _RESUME
 
     def _receive_handshake(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """The opening handshake: implemented by the role subclasses (:mod:`selectws.protocol.handshake`)."""
@@ -548,7 +548,7 @@ class Connection:
         if self.state is _CLOSED:
             return []
         was_connecting = self.state is _CONNECTING
-        self._held = None
+        self.held = None
         self._set_closed()
         if was_connecting:
             return []
@@ -559,11 +559,11 @@ class Connection:
         more to send. Returns the ``Closed`` event (``code``, 1006 unless the caller says why otherwise), or None
         if the connection was already over (or never opened)."""
         state = self.state
-        self._out.clear()  # the transport is gone: nothing queued can be sent any more
+        self._out = None  # the transport is gone: nothing queued can be sent any more
         self._skip = None
         if state is _CLOSED:
             return None
-        self._held = None
+        self.held = None
         self._set_closed()
         if state is _CONNECTING:
             return None
@@ -791,10 +791,11 @@ class Connection:
         skip = self._skip
         if skip is None or self.state is not _OPEN:
             return self._fail(code, reason)
-        queued = len(self._out)
+        queued = len(self._out) if self._out is not None else 0
         closed = self._fail(code, reason)  # CLOSED now: the driver learns at once, the peer once it has finished
-        skip.frame = self._out[queued:]
-        del self._out[queued:]
+        out = self._output()
+        skip.frame = out[queued:]
+        del out[queued:]
         self._skip = skip
         data, skip.head = skip.head, b""
         self._skip_input(data)
@@ -861,7 +862,7 @@ class Connection:
         skip = self._skip
         if skip is not None and self.state is _CLOSED:
             self._skip = None
-            self._out += skip.frame
+            self._output().extend(skip.frame)
 
     # ------------------------------------------------------------------ sending
 
@@ -872,10 +873,14 @@ class Connection:
         payload = text.encode("utf-8")
         if self._plain:
             n = len(payload)
+            out = self._out
             if n < 126:  # small: header and payload in one piece (one object, and one send() without a join)
-                self._out.append(_TEXT_HEADERS[n] + payload)
+                if out is None:
+                    self._out = [_TEXT_HEADERS[n] + payload]
+                else:
+                    out.append(_TEXT_HEADERS[n] + payload)
             else:
-                self._out += encode_header(0x81, n), payload
+                self._output().extend((encode_header(0x81, n), payload))
         else:
             self._write_message(0x01, payload)
         return True
@@ -887,10 +892,14 @@ class Connection:
         if self._plain:
             n = len(data)
             # A bytearray or memoryview may be reused by the caller before data_to_send(): keep a copy.
+            out = self._out
             if n < 126:  # small: header and payload in one piece (one object, and one send() without a join)
-                self._out.append(_BINARY_HEADERS[n] + data)
+                if out is None:
+                    self._out = [_BINARY_HEADERS[n] + data]
+                else:
+                    out.append(_BINARY_HEADERS[n] + data)
             else:
-                self._out += encode_header(0x82, n), data if type(data) is bytes else bytes(data)
+                self._output().extend((encode_header(0x82, n), data if type(data) is bytes else bytes(data)))
         else:
             self._write_message(0x02, data)
         return True
@@ -912,7 +921,11 @@ class Connection:
         """Queue an already encoded, unmasked frame (a broadcast encoded once for all recipients)."""
         if self.state is not _OPEN or self.role is not SERVER:
             return False
-        self._out.append(frame)
+        out = self._out
+        if out is None:
+            self._out = [frame]
+        else:
+            out.append(frame)
         return True
 
     def send_ping(self, payload: bytes = b"") -> bool:
@@ -950,7 +963,7 @@ class Connection:
         """Give up on the connection now (keepalive timeout, server error): close frame if possible, then TCP."""
         if self.state is _CLOSED or self.state is _CONNECTING:
             return None
-        self._held = None
+        self.held = None
         closed = self._fail(code, reason)
         closed.error = None  # the caller's decision, not a violation by the peer
         return closed
@@ -959,13 +972,11 @@ class Connection:
         """Everything queued since the last call, as the list of its pieces (frames encoded once for many
         recipients stay the same objects: a driver may queue them without copying). Never changes the state.
 
-        The list is the caller's until the next call (two lists alternate, so the hot path allocates none): take
-        the pieces, then clear it; do not keep it."""
+        The list is the caller's: the protocol starts a new one for what is queued next."""
         out = self._out
-        if out:
-            spare = self._out_spare
-            self._out = [] if spare is None else spare
-            self._out_spare = out
+        if out is None:
+            return []
+        self._out = None
         return out
 
     def data_to_send(self) -> bytes:
@@ -974,7 +985,7 @@ class Connection:
         if not out:
             return b""
         data = out[0] if len(out) == 1 and isinstance(out[0], bytes) else b"".join(out)
-        out.clear()
+        self._out = None
         return data
 
     @property
@@ -990,7 +1001,7 @@ class Connection:
     @property
     def pending_output(self) -> int:
         """Bytes queued and not yet taken by :meth:`data_to_send` (computed: for metrics, not the hot path)."""
-        return sum(len(chunk) for chunk in self._out)
+        return sum(len(chunk) for chunk in self._out) if self._out is not None else 0
 
     def _write_message(self, opcode: int, payload: bytes | bytearray | memoryview) -> None:
         deflate = self._deflate
@@ -1001,15 +1012,22 @@ class Connection:
 
     def _write_frame(self, first: int, payload: bytes | bytearray | memoryview) -> None:
         n = len(payload)
+        out = self._output()
         if self._mask_source is None:
-            self._out.append(bytes((first, n)) if n < 126 else encode_header(first, n))
+            out.append(bytes((first, n)) if n < 126 else encode_header(first, n))
             if n:
                 # A bytearray or memoryview may be reused by the caller before data_to_send(): keep a copy.
-                self._out.append(payload if type(payload) is bytes else bytes(payload))
+                out.append(payload if type(payload) is bytes else bytes(payload))
         else:
             mask = self._mask_source()
-            frame = encode_header(first, n, 0x80) + mask + mask_payload(payload, mask)
-            self._out.append(frame)
+            out.append(encode_header(first, n, 0x80) + mask + mask_payload(payload, mask))
+
+    def _output(self) -> list[bytes | bytearray | memoryview]:
+        """The output list, started if nothing was queued (off the small-message path, which does this inline)."""
+        out = self._out
+        if out is None:
+            out = self._out = []
+        return out
 
 
 class _Aux:
@@ -1053,7 +1071,7 @@ class _Skip:
         self.frame: list[bytes | bytearray | memoryview] = []  # our close frame, held
 
 
-#: ``_held`` when only buffered input waits (frames that came with the opening handshake).
+#: ``held`` when only buffered input waits (frames that came with the opening handshake).
 _RESUME: tuple[int, str, str | None] = (0, "", None)
 
 

@@ -245,7 +245,7 @@ class ServerProtocol(Connection):
         self._hs = (request, size)
         events = self._receive_handshake(b"")
         if not events and "100-continue" in request.headers.tokens("Expect"):
-            self._out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._output().append(b"HTTP/1.1 100 Continue\r\n\r\n")
         return events
 
     def _receive_handshake(self, data: bytes | bytearray | memoryview) -> list[Event]:
@@ -317,7 +317,7 @@ class ServerProtocol(Connection):
         ``receive_data(b"")``: see ``events_held``); any other status ends it once written."""
         if self.state is not _S_CONNECTING:
             raise RuntimeError(f"send_response in state {self.state.name}")
-        self._out.append(response.serialize())
+        self._output().append(response.serialize())
         if response.status == 101:
             self._open(self._deflate)
         else:
@@ -372,7 +372,7 @@ class ClientProtocol(Connection):
         if self.state is not _S_CONNECTING or self._requested:
             raise RuntimeError("send_request twice" if self._requested else f"send_request in state {self.state.name}")
         self._requested = True
-        self._out.append(request.serialize())
+        self._output().append(request.serialize())
 
     def _receive_handshake(self, data: bytes | bytearray | memoryview) -> list[Event]:
         if self._buf:

@@ -487,7 +487,7 @@ class ServerConnection(TimerEntry):
         events = ws.receive_data(server.recv_view[:n])
         if events:
             self._handle_events(events)
-            while ws.events_held:
+            while ws.held is not None:
                 self._handle_events(ws.receive_data(b""))
         if ws.input_pending and self.sock is not None:
             self._defer_input()
@@ -514,7 +514,7 @@ class ServerConnection(TimerEntry):
         events = ws.receive_data(b"")
         if events:
             self._handle_events(events)
-            while ws.events_held:
+            while ws.held is not None:
                 self._handle_events(ws.receive_data(b""))
         if ws.input_pending and self.sock is not None:
             self.server.loop.call_soon(self._resume_input)
@@ -818,7 +818,6 @@ class ServerConnection(TimerEntry):
                     self._check_backpressure()
             else:
                 self._write(pieces)
-            pieces.clear()  # the protocol's list (see take_output): let go of the pieces now
         if ws.close_transport and self._wq is None and self.sock is not None:
             self._shutdown_transport()
 

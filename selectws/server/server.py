@@ -182,7 +182,6 @@ class Server:
         self.recv_buffer = bytearray(_RECV_SIZE)
         self.recv_view = memoryview(self.recv_buffer)
         self.dirty: list[ServerConnection] = []
-        self._spare_out: list[bytes | bytearray | memoryview] | None = None  # lent to each flush (_flush_dirty)
         # Write buffers: the connections with unsent output, and the sum of their unsent bytes (a broadcast frame
         # queued on many counts once per recipient: an upper bound of the memory held).
         self.backlogged: set[ServerConnection] = set()
@@ -683,22 +682,12 @@ class Server:
             self._shed_unlogged = 0
 
     def _flush_dirty(self) -> None:
-        # take_output() alternates two lists per protocol object, so that the hot path allocates none. The second
-        # one is lent here, one list for all connections in turn: an idle connection holds one empty list, not two.
         dirty = self.dirty
-        spare = self._spare_out
         while dirty:
             batch = dirty[:]
             dirty.clear()
             for conn in batch:
-                ws = conn.ws
-                ws._out_spare = spare
                 conn.flush()
-                spare = ws._out_spare
-                ws._out_spare = None
-                if spare:  # not emptied (the send failed): it is never lent to another connection
-                    spare = None
-        self._spare_out = spare
 
     @property
     def open_count(self) -> int:

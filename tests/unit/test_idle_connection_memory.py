@@ -79,7 +79,11 @@ def test_an_idle_connection_holds_nothing_it_does_not_need() -> None:
                 ws = conn.ws
                 assert conn._extra is None  # no router of its own, no token, no linger, no ping waiting
                 assert conn._wq is None and conn._wsize == 0
-                assert ws._out == [] and ws._out_spare is None  # one empty output list, not two (_flush_dirty)
+                # No output list while nothing waits to be sent (nor any other list).
+                assert ws._out is None and not ws.has_output
+                lists = [n for cls in type(ws).__mro__ for n in getattr(cls, "__slots__", ())
+                         if isinstance(getattr(ws, n, None), list)]
+                assert lists == []
                 assert ws._aux is None  # no fragment, no close frame, no skipped message
                 assert ws._hs is None  # the handshake's state is gone
                 assert type(conn.sock) is _socket.socket  # not a socket.socket (half its size)

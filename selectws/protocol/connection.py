@@ -52,6 +52,7 @@ from selectws.protocol.frames import (
     parse_close_payload,
     speedups,
 )
+from selectws.protocol.ondemand import OnDemand
 
 __all__ = ["CLIENT", "SERVER", "Connection", "Extension", "Role", "State"]
 
@@ -190,67 +191,18 @@ class Connection:
         self._large: _Large | None = None  # a large frame arriving over several reads (_STREAM_MIN)
 
     # ------------------------------------------------------------------ seldom held (_Aux)
+    # What a connection seldom holds, kept in one _Aux made when first needed (ondemand.py): an idle connection
+    # holds one None instead of five slots.
 
-    def _more(self) -> _Aux:
-        aux = self._aux
-        if aux is None:
-            aux = self._aux = _Aux()
-        return aux
-
-    @property
-    def close_code(self) -> int | None:
-        """The code of the close frame we sent, once sent."""
-        aux = self._aux
-        return aux.close_code if aux is not None else None
-
-    @close_code.setter
-    def close_code(self, code: int | None) -> None:
-        if code is not None or self._aux is not None:
-            self._more().close_code = code
-
-    @property
-    def close_reason(self) -> str:
-        """The reason of the close frame we sent, once sent."""
-        aux = self._aux
-        return aux.close_reason if aux is not None else ""
-
-    @close_reason.setter
-    def close_reason(self, reason: str) -> None:
-        if reason or self._aux is not None:
-            self._more().close_reason = reason
-
-    @property
-    def _frag_buf(self) -> bytearray | None:
-        """The fragments of the message in progress, appended in place."""
-        aux = self._aux
-        return aux.frag_buf if aux is not None else None
-
-    @_frag_buf.setter
-    def _frag_buf(self, buf: bytearray | None) -> None:
-        if buf is not None or self._aux is not None:
-            self._more().frag_buf = buf
-
-    @property
-    def _partial_decoder(self) -> codecs.IncrementalDecoder | None:
-        """The UTF-8 decoder of the text frame checked piecemeal while it arrives (``_partial_checked``)."""
-        aux = self._aux
-        return aux.partial_decoder if aux is not None else None
-
-    @_partial_decoder.setter
-    def _partial_decoder(self, decoder: codecs.IncrementalDecoder | None) -> None:
-        if decoder is not None or self._aux is not None:
-            self._more().partial_decoder = decoder
-
-    @property
-    def _skip(self) -> _Skip | None:
-        """The rest of the oversized message being skipped, and our held close frame (``max_discard``)."""
-        aux = self._aux
-        return aux.skip if aux is not None else None
-
-    @_skip.setter
-    def _skip(self, skip: _Skip | None) -> None:
-        if skip is not None or self._aux is not None:
-            self._more().skip = skip
+    #: The code and reason of the close frame we sent, once sent.
+    close_code: OnDemand[int | None] = OnDemand(None, "_aux", lambda: _Aux())
+    close_reason: OnDemand[str] = OnDemand("", "_aux", lambda: _Aux())
+    #: The fragments of the message in progress, appended in place.
+    _frag_buf: OnDemand[bytearray | None] = OnDemand(None, "_aux", lambda: _Aux())
+    #: The UTF-8 decoder of the text frame checked piecemeal while it arrives (``_partial_checked``).
+    _partial_decoder: OnDemand[codecs.IncrementalDecoder | None] = OnDemand(None, "_aux", lambda: _Aux())
+    #: The rest of the oversized message being skipped, and our held close frame (``max_discard``).
+    _skip: OnDemand[_Skip | None] = OnDemand(None, "_aux", lambda: _Aux())
 
     # ------------------------------------------------------------------ receiving
 
@@ -1033,7 +985,8 @@ class Connection:
 class _Aux:
     """What a :class:`Connection` seldom holds, in one object made when it first does, so that an idle connection
     holds one None instead of five slots (memory per connection); read and written through the properties of the
-    same names (``_frag_buf``, ``_partial_decoder``, ``_skip``, ``close_code``, ``close_reason``), off the hot path."""
+    same names (``_frag_buf``, ``_partial_decoder``, ``_skip``, ``close_code``, ``close_reason``: ondemand.py), off the
+    hot path."""
 
     __slots__ = ("close_code", "close_reason", "frag_buf", "partial_decoder", "skip")
 

@@ -40,6 +40,7 @@ from selectws.protocol.errors import CloseCode
 from selectws.protocol.events import Closed, HandshakeFailed, Message, Pong, Request, RequestBody
 from selectws.protocol.handshake import ServerProtocol
 from selectws.protocol.http11 import Headers, parse_query
+from selectws.protocol.ondemand import OnDemand
 from selectws.server.handshake import Outcome, answer_body, answer_later, answer_request
 from selectws.server.history import Position, Recovery
 from selectws.server.ratelimit import TokenBucket
@@ -358,16 +359,13 @@ class ServerConnection(TimerEntry):
             extra = self._extra = _Extra()
         return extra
 
-    @property
-    def router(self) -> Router | None:
-        """The connection's own router (the operator listener's); None: the server's current one."""
-        extra = self._extra
-        return extra.router if extra is not None else None
-
-    @router.setter
-    def router(self, router: Router | None) -> None:
-        if router is not None or self._extra is not None:
-            self._more().router = router
+    #: The connection's own router (the operator listener's); None: the server's current one.
+    router: OnDemand[Router | None] = OnDemand(None, "_extra", _Extra)
+    #: Loop time of the keepalive ping that waits for its pong; 0.0: none (any input answers it too). Set back to
+    #: 0.0, it lets go of the _Extra if nothing else is in it.
+    _awaiting_pong: OnDemand[float] = OnDemand(0.0, "_extra", _Extra)
+    #: Loop time at which the token expires (see _Extra.expires).
+    _expires: OnDemand[float] = OnDemand(_NEVER, "_extra", _Extra)
 
     @property
     def remote(self) -> tuple[str, int]:
@@ -389,27 +387,6 @@ class ServerConnection(TimerEntry):
         wq = self._wq
         if wq is not None:
             wq.size = size
-
-    @property
-    def _awaiting_pong(self) -> float:
-        """Loop time of the keepalive ping that waits for its pong; 0.0: none (any input answers it too)."""
-        extra = self._extra
-        return extra.awaiting_pong if extra is not None else 0.0
-
-    @_awaiting_pong.setter
-    def _awaiting_pong(self, when: float) -> None:
-        extra = self._extra
-        if when:
-            self._more().awaiting_pong = when
-        elif extra is not None:
-            extra.awaiting_pong = 0.0
-            if extra.unused:
-                self._extra = None
-
-    @property
-    def _expires(self) -> float:
-        extra = self._extra
-        return extra.expires if extra is not None else _NEVER
 
     @property
     def registered(self) -> bool:

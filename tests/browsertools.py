@@ -65,8 +65,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def redis_server() -> Iterator[str]:
-    """One redis-server, without persistence, on a free loopback port, answering PING; its URL. Killed after."""
+def redis_process() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """One redis-server, without persistence, on a free loopback port, answering PING: its URL and its process (a
+    test may kill it early: a broker outage). Killed after."""
     port = free_port()
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no"],
@@ -83,7 +84,14 @@ def redis_server() -> Iterator[str]:
                 pass
             assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
             time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield f"redis://127.0.0.1:{port}/0", proc
     finally:
         proc.kill()
         proc.wait(5)
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """:func:`redis_process`'s URL alone."""
+    with redis_process() as (url, _proc):
+        yield url

@@ -561,7 +561,7 @@ class ServerConnection(TimerEntry):
     def _handle_events(self, events: list[Any]) -> None:
         counters = self.server.counters
         session = self.session
-        on_message = self.route.plugin.on_message if self.route is not None else None  # hoisted: the hot path
+        on_message = self.route.on_message if self.route is not None else None  # hoisted: the hot path
         # The route's rate limit (ratelimit.py), hoisted too: without one a message costs one local "is not None"
         # more; with one, the bucket is asked once per batch (the loop's clock stands still) and counted down here.
         rate = self._rate
@@ -577,9 +577,8 @@ class ServerConnection(TimerEntry):
                         self._rate_limited(rate)
                         continue
                     left -= 1
-                assert on_message is not None and session is not None
                 try:
-                    on_message(session, event.data)
+                    on_message(session, event.data)  # type: ignore[misc]
                 except Exception:
                     self._plugin_error("on_message")
             elif kind is Closed:

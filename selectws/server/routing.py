@@ -93,9 +93,12 @@ class Route:
     rate_limit_action: str = "close"
     #: ``"none"``, or ``"jwt"``: the handshake needs a verified token (selectws/server/auth.py, docs/auth.md).
     auth: str = "none"
+    #: ``plugin.on_message``, bound once: the hot path calls it per message.
+    on_message: Callable[..., None] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.pattern = compile_path(self.path)
+        self.on_message = self.plugin.on_message
 
 
 class Router:

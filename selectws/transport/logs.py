@@ -46,6 +46,8 @@ class _Output:
 
     stream: IO[str] = sys.stderr
     flush_each = True
+    #: A line was written since the last :func:`flush_logs` (most iterations log nothing: no flush call then).
+    pending = False
 
 
 _BUFFERED_STDERR: list[IO[str]] = []
@@ -62,6 +64,9 @@ def _buffered_stderr() -> IO[str]:
 
 def flush_logs() -> None:
     """Flush log lines written since the last flush (the server calls it at the end of every iteration)."""
+    if not _Output.pending:
+        return
+    _Output.pending = False
     try:
         _Output.stream.flush()
     except (OSError, ValueError):
@@ -101,6 +106,8 @@ class _NamedPrintLogger(structlog.PrintLogger):
         file.write(message + "\n")
         if _Output.flush_each:
             file.flush()
+        else:
+            _Output.pending = True
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg

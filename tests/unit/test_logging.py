@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import structlog
 
-from selectws.transport.logs import configure_logging, get_logger
+from selectws.transport.logs import configure_logging, flush_logs, get_logger
 
 
 @pytest.fixture(autouse=True)
@@ -211,3 +211,41 @@ def test_closed_stream_is_not_a_tty() -> None:
     out = io.StringIO()
     out.close()
     configure_logging("info", "auto", out)  # must not raise on isatty() of a closed stream
+
+
+class CountingStream(io.StringIO):
+    """Holds written text back until ``flush()``, as a block-buffered file does, and counts the flushes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[str] = []
+        self.flushes = 0
+
+    def write(self, text: str) -> int:
+        self.held.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().write("".join(self.held))
+        self.held.clear()
+
+
+def test_buffered_lines_leave_at_flush_logs_and_an_idle_iteration_costs_no_flush() -> None:
+    """The daemon's mode (``flush_each=False``): a line waits for the end of the loop iteration (flush_logs), and an
+    iteration that logged nothing does not call the stream's flush at all (most iterations log nothing)."""
+    out = CountingStream()
+    configure_logging("info", "json", out, flush_each=False)
+    flush_logs()  # whatever an earlier test left pending
+    before = out.flushes
+    for _ in range(5):
+        flush_logs()
+    assert out.flushes == before  # nothing written: no flush call
+    get_logger().info("one")
+    get_logger().info("two")
+    assert out.getvalue() == ""  # held until the end of the iteration
+    flush_logs()
+    assert [line["event"] for line in json_lines(out)] == ["one", "two"]
+    assert out.flushes == before + 1  # both lines in one flush
+    flush_logs()
+    assert out.flushes == before + 1

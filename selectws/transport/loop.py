@@ -253,18 +253,13 @@ class EventLoop:
     def _fire_bucket(self, bucket: _Bucket) -> None:
         """A bucket's deadline came: call its entries, each disarmed first (one may re-arm, or disarm another)."""
         if self._buckets.get(bucket.deadline) is bucket:
-            del self._buckets[bucket.deadline]
+            del self._buckets[bucket.deadline]  # from here on, _unlink leaves this bucket alone when it empties
         while True:
             entry = bucket._tnext
             if entry is bucket or entry is None:
                 break
             assert isinstance(entry, TimerEntry)
-            after = entry._tnext
-            assert after is not None
-            bucket._tnext = after
-            after._tprev = bucket
-            entry._tprev = entry._tnext = None
-            self._armed -= 1
+            self.disarm(entry)
             entry()
         bucket._tnext = bucket._tprev = None
 

@@ -403,13 +403,14 @@ set_message_type(PyObject *module, PyObject *cls)
 }
 
 PyDoc_STRVAR(scan_messages_doc,
-"scan_messages(data, max_frame, max_message, budget, events, /) -> int\n\n"
-"The fast path of a server's receive_data(): from the start of ``data``, every complete, masked, unfragmented,\n"
+"scan_messages(data, max_frame, max_message, budget, events, size=-1, /) -> int\n\n"
+"The fast path of a server's receive_data(): from the start of ``data`` (its first ``size`` bytes when ``size`` is\n"
+"0 or more: a reusable receive buffer and the count a read put in it), every complete, masked, unfragmented,\n"
 "uncompressed text or binary frame (first byte 0x81 or 0x82) of at most ``max_frame`` and ``max_message`` payload\n"
 "bytes, at most ``budget`` of them, is unmasked and appended to ``events`` as a message (text decoded from UTF-8).\n"
 "It stops before anything else (a control frame, a fragment, an extension bit, an unmasked frame, a 64-bit length,\n"
 "a frame over a limit or not complete yet, text that is not UTF-8) and returns how many bytes of ``data`` it left:\n"
-"the caller's general parser takes those, and judges (or refuses) what stopped the scan.");
+"the caller's general parser takes those, and judges (or refuses) what stopped the scan; they end at ``size``.");
 
 /* A size limit from a Python int; one past any buffer (an overflow) means no limit. */
 static int
@@ -433,8 +434,8 @@ scan_messages(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *tmp, *events;
     Py_ssize_t limit, limit2, budget, pos = 0, end, count = 0;
     const unsigned char *buf;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "scan_messages() takes 5 arguments");
+    if (nargs != 5 && nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "scan_messages() takes 5 or 6 arguments");
         return NULL;
     }
     if (message_type == NULL) {
@@ -461,6 +462,16 @@ scan_messages(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     buf = (const unsigned char *)view.buf;
     end = view.len;
+    if (nargs == 6) {
+        Py_ssize_t size = PyLong_AsSsize_t(args[5]);
+        if (size == -1 && PyErr_Occurred()) {
+            release_input(&view, tmp);
+            return NULL;
+        }
+        if (size >= 0 && size < end) {
+            end = size;
+        }
+    }
     while (end - pos >= 6 && count < budget) {
         unsigned char b0 = buf[pos], b1 = buf[pos + 1];
         Py_ssize_t length = b1 & 0x7F, start;

@@ -58,7 +58,7 @@ __all__ = ["CLIENT", "SERVER", "Connection", "Extension", "Role", "State"]
 
 # The C scanner of whole small data frames (_speedups.scan_messages), or None on the pure-Python path: the
 # general parser in receive_data then does all the work, with the same results.
-_scan_messages: Callable[[bytes | bytearray | memoryview, int, int, int, list[Event]], int] | None = None
+_scan_messages: Callable[[bytes | bytearray | memoryview, int, int, int, list[Event], int], int] | None = None
 if speedups is not None:
     speedups.set_message_type(Message)
     _scan_messages = speedups.scan_messages
@@ -206,14 +206,15 @@ class Connection:
 
     # ------------------------------------------------------------------ receiving
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview, size: int = -1) -> list[Event]:
         """Parse every complete frame in ``data`` (plus what an earlier call left) and return the events.
 
-        ``data`` may be a view of the driver's reusable receive buffer: everything kept past this call is copied.
+        ``data`` may be the driver's reusable receive buffer (or a view of it), with ``size`` the number of bytes
+        its read put at the start (-1: all of ``data``): everything kept past this call is copied.
         When ``events_held`` is true afterwards, call ``receive_data(b"")`` once the events are handled.
         """
         if self.held is not None:
-            return self._release_held(data)
+            return self._release_held(data if size < 0 else data[:size])
         self.input_pending = False
         state = self.state
         events: list[Event] = []
@@ -225,9 +226,10 @@ class Connection:
             # anything else, and the general parser below goes on from there (and judges what stopped it).
             waiting = self._buf
             if waiting:
-                waiting += data  # a bytearray while input waits
+                waiting += data if size < 0 else data[:size]  # a bytearray while input waits
                 data = waiting  # the general parser below takes it as its buffer, from self._buf
-            left = _scan_messages(data, self.max_frame_size, self.max_message_size, budget, events)
+                size = -1
+            left = _scan_messages(data, self.max_frame_size, self.max_message_size, budget, events, size)
             if not left:  # all of it: the common case
                 if waiting:
                     self._buf = b""
@@ -242,26 +244,32 @@ class Connection:
                         self._partial_decoder = None
                     del waiting[: len(waiting) - left]  # type: ignore[union-attr]
                 else:
-                    data = data[len(data) - left :]
+                    end = size if 0 <= size < len(data) else len(data)
+                    data = data[end - left : end]
                 budget -= len(events)
                 if not budget:  # the rest waits for the next call
                     self.input_pending = left >= 2
                     if not waiting:
                         self._buf = bytearray(data)
                     return events
+            elif size >= 0:  # nothing for the scan: the general parser takes the input as it came
+                data = data[:size]
             if waiting:
                 data = b""  # waiting is self._buf, which the general parser starts from
-        elif state is _CLOSED:
-            if self._skip is not None:  # the rest of an oversized message (max_discard)
-                self._skip_input(data)
-            return events
-        elif state is _CONNECTING:
-            return self._receive_handshake(data)
-        elif self._large is not None:  # the rest of a large frame: unmasked straight into its buffer
-            rest = self._receive_large(data, events)
-            if rest is None:
+        else:
+            if size >= 0:
+                data = data[:size]
+            if state is _CLOSED:
+                if self._skip is not None:  # the rest of an oversized message (max_discard)
+                    self._skip_input(data)
                 return events
-            data = rest  # what followed the completed frame in this read is parsed as usual
+            if state is _CONNECTING:
+                return self._receive_handshake(data)
+            if self._large is not None:  # the rest of a large frame: unmasked straight into its buffer
+                rest = self._receive_large(data, events)
+                if rest is None:
+                    return events
+                data = rest  # what followed the completed frame in this read is parsed as usual
         buf: bytes | bytearray
         if self._buf:
             self._buf += data

@@ -94,15 +94,29 @@ def _describe(events: list[Any]) -> list[tuple[Any, ...]]:
     return out
 
 
-def _feed(conn: Connection, chunk: bytes, view: bool) -> list[list[tuple[Any, ...]]]:
+def _feed(conn: Connection, chunk: bytes, mode: str, buffer: bytearray) -> list[list[tuple[Any, ...]]]:
     """What a driver does with one read: parse, release what was held, drain what the budget left; the events of
-    each call apart (so that a budget overrun or a late failure shows)."""
-    data: bytes | memoryview = memoryview(bytearray(chunk)) if view else chunk
-    seen = [_describe(conn.receive_data(data))]
+    each call apart (so that a budget overrun or a late failure shows).
+
+    ``mode`` is how the read is handed over: ``bytes``; ``view``, a memoryview of a bytearray; or ``buffer``, the
+    driver's reusable receive ``buffer`` (a view of all of it) and the count the read put at its start, with stale
+    bytes after that, and the whole buffer overwritten afterwards, as the next read would."""
+    size = -1
+    data: bytes | memoryview
+    if mode == "buffer":
+        buffer[: len(chunk)] = chunk
+        stale = len(buffer) - len(chunk)  # what an earlier, longer read left: the start of frames, never input
+        buffer[len(chunk) :] = b"\x82\x85" * (stale // 2) + b"\x81" * (stale % 2)
+        data, size = memoryview(buffer), len(chunk)
+    else:
+        data = memoryview(bytearray(chunk)) if mode == "view" else chunk
+    seen = [_describe(conn.receive_data(data, size))]
     rounds = 0
     while (conn.events_held or conn.input_pending) and rounds < 10_000:
         seen.append(_describe(conn.receive_data(b"")))
         rounds += 1
+    if mode == "buffer":
+        buffer[:] = b"\xff" * len(buffer)  # nothing the protocol kept may be a view of it
     return seen
 
 
@@ -118,17 +132,19 @@ def _compare(seed: int, monkeypatch: pytest.MonkeyPatch) -> int:
     count = min(len(stream) - 1, rng.randrange(0, 30))
     cuts = sorted(rng.sample(range(1, len(stream)), count)) if count > 0 else []
     pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
-    view = rng.random() < 0.5
+    mode = rng.choice(["bytes", "view", "buffer"])
     scan = _c_scanner()
+    fast_buffer = bytearray(max(map(len, pieces)) + rng.randrange(0, 200))
+    slow_buffer = bytearray(len(fast_buffer))
 
     fast = Connection(SERVER, max_message_size=max_size, max_frames=max_frames)
     slow = Connection(SERVER, max_message_size=max_size, max_frames=max_frames)
     for piece in pieces:
         monkeypatch.setattr(connection_module, "_scan_messages", scan)
-        got = _feed(fast, piece, view)
+        got = _feed(fast, piece, mode, fast_buffer)
         got_state = _state(fast)
         monkeypatch.setattr(connection_module, "_scan_messages", None)
-        want = _feed(slow, piece, view)
+        want = _feed(slow, piece, mode, slow_buffer)
         want_state = _state(slow)
         assert got == want, f"seed {seed}: events differ"
         assert got_state == want_state, f"seed {seed}: state or output differs"
@@ -165,6 +181,54 @@ def test_the_scanner_takes_whole_small_messages_and_stops_before_anything_else()
     assert scan(encode_frame(0x2, b"unmasked"), 1 << 20, 1 << 20, 9, events) == 10 and not events
     # A limit past any buffer size is no limit.
     assert scan(good, 1 << 70, 1 << 70, 9, events) == 0 and len(events) == 2
+
+
+@needs_c
+def test_the_scanner_reads_only_the_first_size_bytes_when_given_a_size() -> None:
+    scan = _c_scanner()
+    mask = b"\x01\x02\x03\x04"
+    one = encode_frame(0x2, b"hello", mask=mask)
+    two = encode_frame(0x1, b"world", mask=mask)
+    buffer = bytearray(one + two + one)  # the last frame is stale: past the size
+    events: list[Any] = []
+    assert scan(memoryview(buffer), 1 << 20, 1 << 20, 100, events, len(one + two)) == 0
+    assert [e.data for e in events] == [b"hello", "world"]
+    events = []
+    assert scan(buffer, 1 << 20, 1 << 20, 100, events, len(one) + 3) == 3 and [e.data for e in events] == [b"hello"]
+    events = []
+    assert scan(buffer, 1 << 20, 1 << 20, 100, events, 0) == 0 and not events
+    events = []
+    assert scan(buffer, 1 << 20, 1 << 20, 100, events, -1) == 0 and len(events) == 3  # -1: all of it
+    events = []
+    assert scan(buffer, 1 << 20, 1 << 20, 100, events, 10**6) == 0 and len(events) == 3  # past the end: all of it
+
+
+@pytest.mark.parametrize("scanner", [pytest.param("c", marks=needs_c), "python"])
+def test_receive_data_with_a_size_parses_only_that_much_of_a_reused_buffer(
+    scanner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver hands over its receive buffer and the count its read returned. The bytes past the count (an
+    earlier, longer read) are not input, whatever they are; what is kept past the call is copied."""
+    if scanner == "c":
+        monkeypatch.setattr(connection_module, "_scan_messages", _c_scanner())
+    else:
+        monkeypatch.setattr(connection_module, "_scan_messages", None)
+    mask = b"\x0a\x0b\x0c\x0d"
+    first = encode_frame(0x2, b"one", mask=mask)
+    second = encode_frame(0x1, b"two", mask=mask)
+    ping = encode_frame(0x9, b"p", mask=mask)
+    buffer = bytearray(256)
+    conn = Connection(SERVER)
+    read = first + second[:4]  # a whole frame and the start of the next one
+    buffer[: len(read)] = read
+    buffer[len(read) : len(read) + len(ping)] = ping  # stale bytes: not input
+    assert [e.data for e in conn.receive_data(memoryview(buffer), len(read))] == [b"one"]
+    buffer[:] = b"\xff" * len(buffer)  # the next read overwrites it: the start of "two" was copied
+    rest = second[4:] + ping
+    buffer[: len(rest)] = rest
+    events = conn.receive_data(memoryview(buffer), len(rest))
+    assert [type(e) for e in events] == [Message, Ping] and events[0].data == "two"
+    assert conn.data_to_send() == encode_frame(0xA, b"p")  # the pong
 
 
 def test_the_server_protocol_uses_the_scanner_when_the_extension_is_active() -> None:

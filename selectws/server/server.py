@@ -246,6 +246,7 @@ class Server:
         self.admin = AdminConsole(self, self.ops, lambda: self.log)
         self.apply_config(config)
         self.loop.end_of_iteration.append(self._flush_dirty)
+        self.loop.after_batch.append(self._flush_dirty)  # and after every BATCH reads of a long iteration
         self.loop.end_of_iteration.append(flush_logs)
 
     def stats(self) -> ServerStats:

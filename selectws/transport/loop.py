@@ -11,8 +11,9 @@ asyncio does. Signal handlers only write the signal number to a socketpair (:fun
 loop runs the Python-level handler between iterations, so no code ever runs inside a signal handler and no system
 call is ever interrupted half-way. After the I/O callbacks, signal handlers and timers of an iteration,
 ``end_of_iteration`` hooks run (the server flushes every connection that got output, one ``send`` per connection
-per iteration). :meth:`EventLoop.run` repeats :meth:`EventLoop.run_once`, which a test may call itself to step
-the loop.
+for all of it). ``after_batch`` hooks also run after every :data:`BATCH` I/O callbacks of a long iteration (the
+server flushes there too, so that a reply does not wait for thousands of other reads). :meth:`EventLoop.run`
+repeats :meth:`EventLoop.run_once`, which a test may call itself to step the loop.
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-__all__ = ["EventLoop", "Handler", "Timer"]
+__all__ = ["BATCH", "EventLoop", "Handler", "Timer"]
+
+#: The ``after_batch`` hooks run after every BATCH I/O callbacks of an iteration. It bounds how long output produced
+#: early in an iteration of many ready sockets waits for the rest of it (the server's replies: at most 32 reads and
+#: their handling, not the whole iteration). It is also what keeps the interrupts of deferred socket-buffer frees
+#: away when the peers are local: Linux frees a read buffer on the CPU that allocated it, and interrupts that CPU
+#: once 32 are waiting for it (net.core.skb_defer_max, 64 by default, halved); a peer that got its replies after
+#: at most 32 reads sends again, and frees them itself first (docs/performance.md).
+BATCH = 32
 
 
 class Handler(Protocol):
@@ -173,6 +182,7 @@ class EventLoop:
         self._wakeup: _SignalWakeup | None = None
         self._old_wakeup_fd = -1
         self.end_of_iteration: list[Callable[[], None]] = []
+        self.after_batch: list[Callable[[], None]] = []  # after every BATCH I/O callbacks (not at the end)
         self._soon: list[Callable[[], None]] = []  # work left over from an earlier iteration (call_soon)
         self.now = time.monotonic()
         self.iterations = 0
@@ -363,7 +373,13 @@ class EventLoop:
             except InterruptedError:
                 ready = []
             start = self.now = time.monotonic()
+            handled = 0
             for fd, flags in ready:
+                if handled == BATCH:
+                    handled = 0
+                    for hook in self.after_batch:
+                        hook()
+                handled += 1
                 try:
                     key = fd_to_key[fd]
                 except KeyError:  # unregistered by an earlier handler of this iteration
@@ -381,7 +397,13 @@ class EventLoop:
             events = self.selector.select(timeout)
             start = self.now = time.monotonic()
             registered = self.selector.get_map()
+            handled = 0
             for key, mask in events:
+                if handled == BATCH:
+                    handled = 0
+                    for hook in self.after_batch:
+                        hook()
+                handled += 1
                 if registered.get(key.fileobj) is key:  # not unregistered by an earlier handler of this iteration
                     key.data.handle_event(mask)
         for callback in soon:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import tracemalloc
 
 import pytest
@@ -15,6 +16,7 @@ from selectws.protocol.connection import SERVER, Connection
 from selectws.protocol.events import Message
 from selectws.protocol.handshake import build_client_request, make_key
 from selectws.server.connection import FRAMES_PER_TURN
+from selectws.transport.loop import BATCH
 
 MASK = b"\x11\x22\x33\x44"
 
@@ -82,6 +84,33 @@ def test_a_flood_of_tiny_messages_is_served_a_turn_at_a_time() -> None:
         echoed = bytearray(first_turn)
         h.run_until(lambda: echoed.extend(drain(flooder)) or len(echoed) >= n * 3)
         assert bytes(echoed) == b"\x82\x01x" * n  # every message, in order, none twice
+
+
+def test_replies_leave_after_every_batch_of_reads_not_only_at_the_end_of_the_iteration() -> None:
+    """2 * BATCH + 5 connections each send one message, all read in one iteration: the echoes of the first
+    2 * BATCH are on their sockets before the iteration's end (after_batch), the last 5 leave at the end."""
+    with in_process_server({"routes": [{"path": "/echo", "plugin": "echo"}]}) as h:
+        clients = [h.connect("/echo") for _ in range(2 * BATCH + 5)]
+        h.step(3)
+        for i, sock in enumerate(clients):
+            sock.sendall(masked(0x82, i.to_bytes(2, "big")))
+        time.sleep(0.05)  # every message is in: one epoll_wait reports them all
+
+        def answered() -> int:
+            count = 0
+            for sock in clients:
+                try:
+                    count += bool(sock.recv(16, socket.MSG_PEEK))
+                except BlockingIOError:
+                    pass
+            return count
+
+        seen_before_the_end: list[int] = []
+        h.server.loop.end_of_iteration.insert(0, lambda: seen_before_the_end.append(answered()))
+        h.server.loop.run_once(0.5)
+        assert seen_before_the_end == [2 * BATCH]
+        assert answered() == len(clients)
+        assert [drain(sock) for sock in clients] == [b"\x82\x02" + i.to_bytes(2, "big") for i in range(len(clients))]
 
 
 def test_a_ping_flood_is_answered_a_turn_at_a_time() -> None:

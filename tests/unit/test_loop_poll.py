@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from selectws.transport.loop import EventLoop
+from selectws.transport.loop import BATCH, EventLoop
 
 
 class Recorder:
@@ -107,3 +107,38 @@ def test_timeouts_wait_at_least_that_long_and_zero_does_not_block(loop: EventLoo
     start = time.monotonic()
     loop.run_once(-1.0)  # a negative timeout is "now", never "forever"
     assert time.monotonic() - start < 0.05
+
+
+def test_after_batch_hooks_run_after_every_batch_of_handlers_and_not_at_the_end(loop: EventLoop) -> None:
+    """An iteration with 2 * BATCH + 5 ready descriptors runs the after_batch hooks twice: after the first BATCH
+    handlers and after the next BATCH, then the last 5 handlers, then the end_of_iteration hooks (not after_batch
+    again). One with BATCH ready descriptors or fewer never runs them."""
+    pairs = [socket.socketpair() for _ in range(2 * BATCH + 5)]
+    try:
+        order: list[str] = []
+
+        class Reader:
+            def __init__(self, sock: socket.socket) -> None:
+                self.sock = sock
+
+            def handle_event(self, mask: int) -> None:
+                self.sock.recv(16)
+                order.append("io")
+
+        for a, b in pairs:
+            loop.register(a, selectors.EVENT_READ, Reader(a))
+            b.send(b"x")
+        loop.after_batch.append(lambda: order.append("batch"))
+        loop.end_of_iteration.append(lambda: order.append("end"))
+        loop.run_once(1.0)
+        assert order == ["io"] * BATCH + ["batch"] + ["io"] * BATCH + ["batch"] + ["io"] * 5 + ["end"]
+        order.clear()
+        for _, b in pairs[:BATCH]:
+            b.send(b"y")
+        loop.run_once(1.0)
+        assert order == ["io"] * BATCH + ["end"]
+    finally:
+        for a, b in pairs:
+            loop.unregister(a)
+            a.close()
+            b.close()
